@@ -1,0 +1,1 @@
+"""fetcher's spiders: ``fetch`` downloads a URL list."""
