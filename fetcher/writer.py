@@ -1,0 +1,288 @@
+"""The hashing writer: a response body goes to ``<final>.part`` and through the
+hash in the same pass, and reaches its final name only when it is complete.
+
+No Scrapy here: the download handler feeds it (``begin``/``write``/``finish``)
+and the pipeline owns it (``prepare``/``commit``/``discard``), so the rules for
+resuming, size caps and length checks are testable without a crawler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+PART_SUFFIX = ".part"
+META_SUFFIX = ".part.meta"
+_READ_CHUNK = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+
+
+class HeadersLike(Protocol):
+    """What ``begin`` needs of response headers (scrapy.http.Headers fits)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+
+class BodyError(Exception):
+    """A body that must not be kept; ``retryable`` says whether trying again can help."""
+
+    retryable = False
+
+
+class FileTooLarge(BodyError):
+    """The body is over FETCHER_MAX_SIZE."""
+
+
+class ResumeMismatch(BodyError):
+    """The server resumed at another offset than the one asked for: start over."""
+
+    retryable = True
+
+
+class LengthMismatch(BodyError):
+    """Fewer or more bytes arrived than the server announced."""
+
+    retryable = True
+
+
+class StorageError(BodyError):
+    """The disk refused the bytes (ENOSPC, EACCES, a path that is a file...)."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class Validators:
+    """What identifies the version of a partial body, for ``If-Range``."""
+
+    url: str
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def if_range(self) -> str | None:
+        # A weak ETag may not be used with If-Range (RFC 9110 13.1.5).
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+
+class HashingWriter:
+    """Streams one body to ``<final>.part`` while hashing it.
+
+    ``algorithms`` are hashlib names; the first is the one reported in the
+    manifest, any other one is there to check an expected checksum from the list.
+    """
+
+    def __init__(
+        self,
+        final: Path,
+        algorithms: tuple[str, ...],
+        *,
+        max_size: int = 0,
+        fsync: bool = False,
+    ) -> None:
+        self.final = final
+        self.part = final.with_name(final.name + PART_SUFFIX)
+        self.meta = final.with_name(final.name + META_SUFFIX)
+        self.algorithms = algorithms
+        self.max_size = max_size
+        self.fsync = fsync
+        self.offset = 0  # bytes already in .part that the next request resumes from
+        self.size = 0  # bytes in .part now
+        self.expected_size: int | None = None
+        self.validators: Validators | None = None
+        self._hashes = [hashlib.new(a) for a in algorithms]
+        self._hashed = 0  # how many bytes of .part the hashes cover
+        self._file: BinaryIO | None = None
+        self.started = False  # whether the current response's body goes to .part
+        self.resumed_from = 0  # offset the current body was appended at
+        self.transferred = 0  # body bytes received over all attempts
+
+    # -- before a request (blocking disk work: the pipeline runs it in a thread)
+
+    def prepare(self, url: str, *, resume: bool) -> None:
+        """Find out how much of a previous attempt can be kept.
+
+        The kept prefix is hashed here, once, so the final digest is that of the
+        whole file; a prefix whose validators are unknown or whose URL differs
+        is dropped, so two versions are never spliced.
+        """
+        self.close()
+        self.offset = 0
+        validators = self._read_meta() if resume else None
+        try:
+            size = self.part.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if validators is None or validators.url != url or not validators.if_range() or not size:
+            self._reset_hashes()
+            self.validators = None
+            return
+        self.validators = validators
+        if size == self._hashed:  # an earlier attempt of this run hashed it already
+            self.offset = size
+            return
+        self._reset_hashes()
+        with self.part.open("rb") as f:
+            remaining = size
+            while remaining:
+                chunk = f.read(min(_READ_CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                for h in self._hashes:
+                    h.update(chunk)
+        self.offset = self._hashed = size - remaining
+
+    def range_headers(self) -> dict[str, str]:
+        """Headers that ask for the rest of the body, if there is a prefix to keep."""
+        if not self.offset or self.validators is None:
+            return {}
+        return {"Range": f"bytes={self.offset}-", "If-Range": self.validators.if_range() or ""}
+
+    # -- called by the download handler, on the reactor thread
+
+    def begin(self, status: int, headers: HeadersLike, url: str) -> bool:
+        """Decide whether the body of this response goes to disk; raise if it must not be kept."""
+        if status not in (200, 206):
+            return False
+        total = _header_int(headers, "Content-Length")
+        if status == 206:
+            start, total = _content_range(headers)
+            if start != self.offset:
+                raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
+            self.resumed_from = start
+        else:  # a full body: whatever was kept is replaced
+            self.resumed_from = 0
+            self._reset_hashes()
+        self.expected_size = total
+        if self.max_size and total is not None and total > self.max_size:
+            raise FileTooLarge(f"file is {total} bytes, over FETCHER_MAX_SIZE ({self.max_size})")
+        self.validators = Validators(
+            url,
+            _header_str(headers, "ETag"),
+            _header_str(headers, "Last-Modified"),
+        )
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.part.open("r+b" if self.resumed_from else "wb")
+            if self.resumed_from:
+                self._file.seek(self.resumed_from)
+                self._file.truncate()
+            self._write_meta(self.validators)
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
+        self.size = self.resumed_from
+        self.started = True
+        return True
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self.size += len(data)
+        if self.max_size and self.size > self.max_size:
+            raise FileTooLarge(f"file is over FETCHER_MAX_SIZE ({self.max_size} bytes)")
+        self.transferred += len(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
+        for h in self._hashes:
+            h.update(data)
+        self._hashed = self.size
+
+    def finish(self) -> None:
+        """The body ended cleanly: check its length against what was announced."""
+        if self.expected_size is not None and self.size != self.expected_size:
+            raise LengthMismatch(
+                f"got {self.size} bytes, the server announced {self.expected_size}"
+            )
+
+    # -- after the request, owned by the pipeline
+
+    def hexdigests(self) -> dict[str, str]:
+        return {a: h.hexdigest() for a, h in zip(self.algorithms, self._hashes, strict=True)}
+
+    def close(self) -> None:
+        """Close the .part file, keeping it (and its validators) for a later resume."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.started = False
+
+    def commit(self) -> None:
+        """Move the complete body to its final name (atomic on one filesystem)."""
+        assert self._file is not None
+        try:
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.part, self.final)
+        except OSError as exc:
+            raise StorageError(self.final, exc) from exc
+        self.meta.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Drop the partial body: it can never be completed (or must not be)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.part.unlink(missing_ok=True)
+        self.meta.unlink(missing_ok=True)
+        self.offset = 0
+        self.started = False
+        self._reset_hashes()
+
+    def _reset_hashes(self) -> None:
+        self._hashes = [hashlib.new(a) for a in self.algorithms]
+        self._hashed = 0
+
+    def _read_meta(self) -> Validators | None:
+        try:
+            data = json.loads(self.meta.read_text(encoding="utf-8"))
+            return Validators(data["url"], data.get("etag"), data.get("last_modified"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_meta(self, v: Validators) -> None:
+        record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified}
+        self.meta.write_text(json.dumps(record), encoding="utf-8")
+
+
+def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
+    """Size and digests of a finished file (for files found complete on disk)."""
+    hashes = [hashlib.new(a) for a in algorithms]
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            size += len(chunk)
+            for h in hashes:
+                h.update(chunk)
+    return size, {a: h.hexdigest() for a, h in zip(algorithms, hashes, strict=True)}
+
+
+def _header_str(headers: HeadersLike, name: str) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value else None
+
+
+def _header_int(headers: HeadersLike, name: str) -> int | None:
+    value = _header_str(headers, name)
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _content_range(headers: HeadersLike) -> tuple[int, int | None]:
+    """Start offset and full length from a 206's Content-Range."""
+    value = _header_str(headers, "Content-Range") or ""
+    m = _CONTENT_RANGE.fullmatch(value.strip())
+    if not m:
+        raise ResumeMismatch(f"206 with an unusable Content-Range {value!r}")
+    total = m.group(3)
+    return int(m.group(1)), None if total == "*" else int(total)
