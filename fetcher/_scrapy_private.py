@@ -1,0 +1,22 @@
+"""Every private Scrapy name fetcher leans on, in one place.
+
+Tested with Scrapy 2.19.0 (pyproject pins the range); tests/test_scrapy_private.py
+fails loudly when an upgrade moves or changes one of these.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scrapy.core.downloader.contextfactory import _load_context_factory_from_settings
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from twisted.web.iweb import IPolicyForHTTPS
+
+
+def tls_policy(crawler: Crawler) -> IPolicyForHTTPS:
+    """The TLS policy stock handlers use, built from the same settings
+    (DOWNLOADER_CLIENTCONTEXTFACTORY, DOWNLOAD_VERIFY_CERTIFICATES, TLS versions and
+    ciphers), so streamed downloads verify certificates exactly like the rest."""
+    return _load_context_factory_from_settings(crawler)

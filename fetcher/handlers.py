@@ -1,0 +1,249 @@
+"""Download handler that streams response bodies into a sink instead of memory.
+
+Every stock Scrapy HTTP handler buffers the whole body. A request whose
+``meta["fetcher_sink"]`` holds a :class:`~fetcher.writer.HashingWriter` is
+fetched here with Twisted's public Agent API and each chunk goes straight to
+that writer; the Response handed back has an empty body. Every other request is
+passed to the stock handler, so the handler can replace ``http``/``https`` in
+any project's DOWNLOAD_HANDLERS.
+
+Timeouts for streamed requests: DOWNLOAD_TIMEOUT (or meta ``download_timeout``)
+bounds connecting plus waiting for the response headers; FETCHER_STALL_TIMEOUT
+bounds every silence while the body flows; FETCHER_MAX_TIME, when set, bounds
+the whole request. A large file that keeps flowing is never cut for being long.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urldefrag
+
+from scrapy.core.downloader.handlers.base import BaseDownloadHandler
+from scrapy.core.downloader.handlers.http11 import HTTP11DownloadHandler
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    DownloadConnectionRefusedError,
+    DownloadFailedError,
+    DownloadTimeoutError,
+    NotConfigured,
+    ResponseDataLossError,
+)
+from scrapy.http import Headers, Response
+from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.misc import build_from_crawler
+from twisted.internet import error as txerror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers as TxHeaders
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from fetcher._scrapy_private import tls_policy
+from fetcher.writer import BodyError
+
+if TYPE_CHECKING:
+    from scrapy import Request
+    from scrapy.crawler import Crawler
+    from twisted.internet.interfaces import IDelayedCall
+    from twisted.python.failure import Failure
+    from twisted.web.client import Response as TxResponse
+
+    from fetcher.writer import HashingWriter
+
+logger = logging.getLogger(__name__)
+
+SINK_META = "fetcher_sink"
+#: Flag on responses whose body went to the sink.
+STREAMED_FLAG = "fetcher:streamed"
+#: How much of a body that is not streamed (an error page) is kept.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class StallTimeoutError(DownloadTimeoutError):
+    """No body bytes arrived for FETCHER_STALL_TIMEOUT seconds."""
+
+
+class StreamingDownloadHandler(BaseDownloadHandler):
+    """``http``/``https`` handler: streams requests that carry a sink, delegates the rest."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        if not crawler.settings.getbool("TWISTED_REACTOR_ENABLED", True):
+            raise NotConfigured("StreamingDownloadHandler needs a Twisted reactor")
+        super().__init__(crawler)
+        from twisted.internet import reactor
+
+        self._reactor: Any = reactor
+        settings = crawler.settings
+        self._fallback = build_from_crawler(HTTP11DownloadHandler, crawler)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
+        self._tls = tls_policy(crawler)
+        self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
+        self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT")
+        self._max_time = settings.getfloat("FETCHER_MAX_TIME")
+
+    async def download_request(self, request: Request) -> Response:
+        sink: HashingWriter | None = request.meta.get(SINK_META)
+        if sink is None:
+            return await self._fallback.download_request(request)
+        try:
+            return await self._stream(request, sink)
+        except (BodyError, DownloadTimeoutError):
+            raise
+        except Exception as exc:
+            raise _readable(exc, request) from exc
+
+    async def close(self) -> None:
+        await self._fallback.close()
+        d = self._pool.closeCachedConnections()
+        # closeCachedConnections can hang on a dead peer: give it a second, as stock does.
+        call = self._reactor.callLater(1, d.callback, None)
+        await maybe_deferred_to_future(d)
+        if call.active():
+            call.cancel()
+
+    async def _stream(self, request: Request, sink: HashingWriter) -> Response:
+        timeout = float(request.meta.get("download_timeout") or self._timeout)
+        agent = Agent(self._reactor, contextFactory=self._tls, connectTimeout=timeout, pool=self._pool)
+        url = urldefrag(request.url)[0]
+        d: Deferred[TxResponse] = agent.request(
+            request.method.encode(), url.encode("ascii"), TxHeaders(dict(request.headers)), None
+        )
+        headers_call = self._reactor.callLater(timeout, d.cancel)
+        try:
+            txresponse = await maybe_deferred_to_future(d)
+        except CancelledError as exc:
+            raise DownloadTimeoutError(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
+        finally:
+            if headers_call.active():
+                headers_call.cancel()
+        headers = Headers()
+        if txresponse.length != UNKNOWN_LENGTH:
+            headers[b"Content-Length"] = str(txresponse.length).encode()
+        headers.update(txresponse.headers.getAllRawHeaders())
+        status = int(txresponse.code)
+        streaming = request.method != "HEAD" and sink.begin(status, headers, request.url)
+        body = b""
+        if request.method != "HEAD" and txresponse.length != 0 and status not in (204, 304):
+            finished: Deferred[bytes] = Deferred()
+            reader = _BodyReader(finished, sink if streaming else None, self._reactor, self._stall_timeout)
+            txresponse.deliverBody(reader)
+            max_call = (
+                self._reactor.callLater(self._max_time, reader.fail, DownloadTimeoutError(
+                    f"download took longer than {self._max_time:g} s (FETCHER_MAX_TIME)"))
+                if self._max_time else None
+            )
+            try:
+                body = await maybe_deferred_to_future(finished)
+            finally:
+                if max_call is not None and max_call.active():
+                    max_call.cancel()
+        if streaming:
+            sink.finish()
+            # The bytes on disk are the ones sent; no middleware may decode an empty body.
+            headers.pop(b"Content-Encoding", None)
+        return Response(
+            url=url,
+            status=status,
+            headers=headers,
+            body=body,
+            flags=[STREAMED_FLAG] if streaming else None,
+            request=request,
+            protocol="HTTP/{}.{}".format(*txresponse.version[1:]),
+        )
+
+
+class _BodyReader(Protocol):
+    """Feeds body chunks to the sink (or keeps a bounded error body) and watches for stalls."""
+
+    def __init__(
+        self,
+        finished: Deferred[bytes],
+        sink: HashingWriter | None,
+        reactor: Any,
+        stall_timeout: float,
+    ) -> None:
+        self._finished = finished
+        self._sink = sink
+        self._buffer = bytearray()
+        self._received = 0
+        self._stall_timeout = stall_timeout
+        self._stall_call: IDelayedCall | None = (
+            reactor.callLater(stall_timeout, self._stalled) if stall_timeout else None
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._received += len(data)
+        if self._stall_call is not None:
+            self._stall_call.reset(self._stall_timeout)
+        if self._sink is None:
+            room = _ERROR_BODY_LIMIT - len(self._buffer)
+            if room > 0:
+                self._buffer += data[:room]
+            return
+        try:
+            self._sink.write(data)
+        except Exception as exc:  # disk full, size cap: stop the transfer, report why
+            self.fail(exc)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        if self._finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss) or (
+            self._sink is None and self._received >= _ERROR_BODY_LIMIT
+        ):
+            self._finished.callback(bytes(self._buffer))
+            return
+        self._finished.errback(
+            ResponseDataLossError(f"connection lost after {self._received} body bytes: {_reason(reason)}")
+        )
+
+    def fail(self, exc: Exception) -> None:
+        """End the transfer now with *exc* (stall, size cap, disk error)."""
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        if self._finished.called:
+            return
+        self._finished.errback(exc)
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _stalled(self) -> None:
+        self.fail(StallTimeoutError(
+            f"no data for {self._stall_timeout:g} s after {self._received} body bytes "
+            "(FETCHER_STALL_TIMEOUT)"
+        ))
+
+
+def _reason(failure: Failure) -> str:
+    return _describe(failure.value)
+
+
+def _describe(exc: BaseException) -> str:
+    """Twisted wraps the real causes (TLS errors, resets) in ``reasons``."""
+    reasons = getattr(exc, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    return str(exc) or type(exc).__name__
+
+
+def _readable(exc: Exception, request: Request) -> Exception:
+    """Scrapy's public download exceptions, with a message fit for the manifest."""
+    host = request.url.split("/")[2] if "//" in request.url else request.url
+    if isinstance(exc, txerror.DNSLookupError):
+        return CannotResolveHostError(f"DNS lookup failed for {host}")
+    if isinstance(exc, txerror.ConnectionRefusedError):
+        return DownloadConnectionRefusedError(f"connection refused by {host}")
+    if isinstance(exc, txerror.TimeoutError):
+        return DownloadTimeoutError(f"connecting to {host} timed out")
+    if getattr(exc, "reasons", None):  # ResponseFailed, ResponseNeverReceived: TLS, resets
+        return DownloadFailedError(f"connection to {host} failed: {_describe(exc)}")
+    if isinstance(exc, txerror.ConnectError):
+        return DownloadFailedError(f"cannot connect to {host}: {exc}")
+    return exc
