@@ -1,0 +1,193 @@
+"""Extensions that report how a run went, all fed by ``fetcher.signals.file_finished``:
+the manifest, the failed list, and the counts, stats and summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+
+from fetcher import signals as fetcher_signals
+from fetcher.items import BAD_LINE
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+
+    from fetcher.items import FileRecord
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLES = 3  # example URLs per failure reason in the summary
+
+
+def _store_file(crawler: Crawler, setting: str, default_name: str) -> Path | None:
+    """Where a report goes: the setting, or *default_name* in FILES_STORE; None when off."""
+    value = crawler.settings.get(setting)
+    if value is None or value is False:
+        return None
+    if value:
+        return Path(value)
+    store = crawler.settings.get("FILES_STORE")
+    if not store or "://" in str(store):
+        return Path(default_name)
+    return Path(store) / default_name
+
+
+class Manifest:
+    """Writes one JSON line per URL as it ends (FETCHER_MANIFEST), flushed at once,
+    so a killed run still leaves an exact record of what it finished."""
+
+    def __init__(self, crawler: Crawler, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+        crawler.signals.connect(self.open, signal=signals.spider_opened)
+        crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
+        crawler.signals.connect(self.close, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Manifest:
+        path = _store_file(crawler, "FETCHER_MANIFEST", "manifest.jsonl")
+        if path is None:
+            raise NotConfigured("FETCHER_MANIFEST is off")
+        return cls(crawler, path)
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+
+    def write(self, record: FileRecord) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record.manifest(), ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class FailedList:
+    """Writes the failures in the list format (FETCHER_FAILED_LIST), options
+    included, so ``-a list=downloads/failed.txt`` retries only those.
+
+    It is written beside its final name and renamed at the end, because the
+    run may be reading the previous failed.txt as its list.
+    """
+
+    def __init__(self, crawler: Crawler, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(path.name + ".tmp")
+        self._file: IO[str] | None = None
+        self._count = 0
+        crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
+        crawler.signals.connect(self.close, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> FailedList:
+        path = _store_file(crawler, "FETCHER_FAILED_LIST", "failed.txt")
+        if path is None:
+            raise NotConfigured("FETCHER_FAILED_LIST is off")
+        return cls(crawler, path)
+
+    def write(self, record: FileRecord) -> None:
+        if record.status != "failed":
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self._tmp.open("w", encoding="utf-8")
+            self._file.write("# fetcher: the URLs that failed; rerun with -a list=" + str(self.path) + "\n")
+        # A bad line cannot be retried as it is: it is kept as a comment to fix by hand.
+        line = "" if record.reason == BAD_LINE else record.entry.to_line() + "\n"
+        self._file.write(f"# {record.error}\n{line}")
+        self._file.flush()
+        self._count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        else:  # nothing failed: an old list of failures would mislead
+            self.path.unlink(missing_ok=True)
+
+
+class Summary:
+    """Counts every ending into the stats (``fetcher/<status>``, used for the exit
+    status) and logs a summary a person can read at a glance when the run ends."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.started = time.monotonic()
+        self.counts: Counter[str] = Counter()
+        self.received = 0
+        self.host_bytes: Counter[str] = Counter()
+        self.host_time: defaultdict[str, float] = defaultdict(float)
+        self.host_files: Counter[str] = Counter()
+        self.failures: dict[str, list[str]] = {}
+        self.failure_counts: Counter[str] = Counter()
+        crawler.signals.connect(self.opened, signal=signals.spider_opened)
+        crawler.signals.connect(self.record, signal=fetcher_signals.file_finished)
+        crawler.signals.connect(self.closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Summary:
+        return cls(crawler)
+
+    def opened(self) -> None:
+        self.started = time.monotonic()
+
+    def record(self, record: FileRecord) -> None:
+        self.counts[record.status] += 1
+        self.stats.inc_value(f"fetcher/{record.status}")
+        self.received += record.received
+        self.stats.inc_value("fetcher/bytes", record.received)
+        if record.status == "downloaded":
+            self.host_bytes[record.host] += record.received
+            self.host_time[record.host] += record.elapsed
+            self.host_files[record.host] += 1
+        elif record.status == "failed":
+            reason = record.reason or "failed"
+            self.failure_counts[reason] += 1
+            examples = self.failures.setdefault(reason, [])
+            if len(examples) < _EXAMPLES:
+                examples.append(record.url)
+
+    def closed(self, reason: str) -> None:
+        logger.info("%s", self.text(reason))
+
+    def text(self, reason: str = "finished") -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        total = sum(self.counts.values())
+        lines = [
+            f"fetcher summary: {total} URLs in {elapsed:.1f} s: "
+            f"{self.counts['downloaded']} downloaded, {self.counts['uptodate']} up to date, "
+            f"{self.counts['failed']} failed" + ("" if reason == "finished" else f" (run ended: {reason})"),
+            f"  received {human_bytes(self.received)} at {human_bytes(self.received / elapsed)}/s",
+        ]
+        slow = sorted(
+            (self.host_bytes[h] / max(self.host_time[h], 1e-9), h) for h in self.host_files
+        )[:3]
+        if len(self.host_files) > 1:
+            lines.append("  slowest hosts: " + ", ".join(
+                f"{h} ({human_bytes(rate)}/s per file, {self.host_files[h]} files)" for rate, h in slow
+            ))
+        if self.failure_counts:
+            lines.append("  failures:")
+            for why, n in self.failure_counts.most_common():
+                more = " ..." if n > len(self.failures[why]) else ""
+                lines.append(f"    {n} × {why}: " + ", ".join(self.failures[why]) + more)
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - unreachable, keeps type checkers calm

@@ -1,0 +1,61 @@
+"""What flows through fetcher: the item the spider emits and the record of one URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from fetcher.urllist import Entry
+
+Status = Literal["downloaded", "uptodate", "failed"]
+BAD_LINE = "bad list line"  # the failure reason of a line that is not a valid entry
+
+
+@dataclass
+class FetchItem:
+    """One download: the stock ``file_urls``/``files`` fields, plus the list
+    entries (``out=``, checksum) the pipeline needs for each URL."""
+
+    file_urls: list[str]
+    fetcher_entries: list[Entry] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """How one URL ended: a manifest line, a summary count, maybe a failed.txt line."""
+
+    entry: Entry
+    status: Status
+    path: str | None = None
+    size: int | None = None
+    checksum: str | None = None
+    algorithm: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    error: str | None = None
+    reason: str | None = None  # short failure category for the summary: "HTTP 404", "stall timeout"
+    received: int = 0  # bytes that came over the network in this run
+    elapsed: float = 0.0  # seconds from the first attempt to the end
+
+    @property
+    def url(self) -> str:
+        return self.entry.url
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.entry.url).netloc or "(no host)"
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "status": self.status,
+            "path": self.path,
+            "size": self.size,
+            "checksum": self.checksum,
+            "algorithm": self.algorithm,
+            "http_status": self.http_status,
+            "attempts": self.attempts,
+            "error": self.error,
+        }

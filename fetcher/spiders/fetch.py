@@ -1,0 +1,214 @@
+"""The ``fetch`` spider: one download per URL of a list.
+
+    scrapy crawl fetch -a list=urls.txt        # a file
+    scrapy crawl fetch -a list=-               # standard input
+    scrapy crawl fetch -a list=https://h/l.txt # a list fetched over HTTP (Scrapyd)
+    scrapy crawl fetch -a urls="URL URL ..."   # inline
+
+The list is read lazily, and no more than FETCHER_MAX_PENDING entries are in
+progress at once, so a list of millions of URLs costs memory for its
+duplicate check only. Bad lines become failed records; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from scrapy import Request, Spider, signals
+from scrapy.exceptions import CloseSpider
+
+from fetcher import signals as fetcher_signals
+from fetcher.handlers import SINK_META, STREAMED_FLAG
+from fetcher.items import BAD_LINE, FetchItem, FileRecord
+from fetcher.urllist import BadLine, Entry, parse_inline, parse_lines
+from fetcher.writer import HashingWriter
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_IDLE_POLL = 0.02  # seconds between idleness checks once the list is exhausted
+
+
+class ListUnavailable(Exception):
+    """The list itself cannot be read: nothing can be done."""
+
+
+class FetchSpider(Spider):
+    name = "fetch"
+
+    def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:  # noqa: A002
+        super().__init__(**kwargs)
+        if bool(list) == bool(urls):
+            raise ValueError('give the URLs with either -a list=PATH|-|URL or -a urls="URL URL ..."')
+        self.list_source = list
+        self.inline_urls = urls
+        if list and list != "-" and not _is_url(list):
+            path = Path(list)
+            if not path.is_file():
+                raise ValueError(f"list file {list} does not exist or is not a file")
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise ValueError(f"list file {list} cannot be read: {exc.strerror}") from exc
+        self._seen: set[int] = set()
+        self._pending = 0
+        self._room = asyncio.Event()
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler, *args: Any, **kwargs: Any) -> FetchSpider:
+        spider = super().from_crawler(crawler, *args, **kwargs)
+        for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
+            crawler.signals.connect(spider._item_done, signal=signal)
+        spider.max_pending = max(1, crawler.settings.getint("FETCHER_MAX_PENDING", 1000))
+        return spider
+
+    async def start(self) -> AsyncIterator[Any]:
+        count = 0
+        try:
+            async for entry in self._entries():
+                if isinstance(entry, BadLine):
+                    self._bad_line(entry)
+                    continue
+                key = int.from_bytes(hashlib.blake2b(entry.url.encode(), digest_size=8).digest(), "big")
+                if key in self._seen:
+                    logger.warning("line %d: duplicate of an earlier URL, skipped: %s", entry.line, entry.url)
+                    self.crawler.stats.inc_value("fetcher/duplicates")
+                    continue
+                self._seen.add(key)
+                while self._pending >= self.max_pending:
+                    self._room.clear()
+                    await self._room.wait()
+                self._pending += 1
+                count += 1
+                self.crawler.stats.inc_value("fetcher/listed")
+                yield FetchItem(file_urls=[entry.url], fetcher_entries=[entry])
+        except ListUnavailable as exc:
+            logger.error("%s", exc)
+            raise CloseSpider("list_unavailable") from exc
+        if not count:
+            logger.warning("The list has no URLs to download")
+        self._closer = asyncio.get_running_loop().create_task(self._close_when_idle())
+
+    async def _close_when_idle(self) -> None:
+        """Close as soon as the last file is done, not on the engine's next
+        5-second heartbeat (the engine only checks for idleness after downloads,
+        and the pipeline's work comes after its last download)."""
+        engine = self.crawler.engine
+        while engine.spider is self and engine.running:
+            if engine.spider_is_idle():
+                await engine.close_spider_async(reason="finished")
+                return
+            await asyncio.sleep(_IDLE_POLL)
+
+    def _item_done(self, item: Any, **kwargs: Any) -> None:
+        if isinstance(item, FetchItem):
+            self._pending -= 1
+            self._room.set()
+
+    def _bad_line(self, bad: BadLine) -> None:
+        logger.error("line %d: %s: %s", bad.line, bad.reason, bad.text)
+        entry = Entry(bad.url or bad.text, bad.line)
+        self.crawler.signals.send_catch_log(
+            fetcher_signals.file_finished,
+            record=FileRecord(entry, "failed", error=f"line {bad.line}: {bad.reason}: {bad.text}",
+                              reason=BAD_LINE),
+        )
+
+    async def _entries(self) -> AsyncIterator[Entry | BadLine]:
+        if self.inline_urls:
+            for e in parse_inline(self.inline_urls):
+                yield e
+            return
+        source = self.list_source
+        assert source
+        if _is_url(source):
+            with tempfile.TemporaryDirectory(prefix="fetcher-list-") as tmp:
+                path = await self._download_list(source, Path(tmp) / "list.txt")
+                async for e in _in_thread(lambda: _parse_file(path)):
+                    yield e
+            return
+        # stdin may be a pipe that another program is still writing: a thread
+        # reads it so that waiting for the next line never blocks the downloads.
+        async for e in _in_thread(lambda: parse_lines(sys.stdin) if source == "-" else _parse_file(Path(source))):
+            yield e
+
+    async def _download_list(self, url: str, dest: Path) -> Path:
+        """Stream the list to a temporary file, so that even a huge one is read lazily."""
+        writer = HashingWriter(dest, ("md5",))
+        request = Request(url, meta={SINK_META: writer}, headers={"Accept-Encoding": "identity"})
+        try:
+            response = await self.crawler.engine.download_async(request)
+        except Exception as exc:
+            raise ListUnavailable(f"cannot fetch the list {url}: {exc}") from exc
+        if STREAMED_FLAG not in response.flags:
+            raise ListUnavailable(f"cannot fetch the list {url}: HTTP {response.status}")
+        writer.commit()
+        return dest
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _parse_file(path: Path) -> Iterator[Entry | BadLine]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from parse_lines(f)
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _in_thread(produce: Callable[[], Iterable[_T]], maxsize: int = 1024) -> AsyncIterator[_T]:
+    """Iterate a blocking iterable in a thread, through a bounded queue, so
+    that neither a slow source nor a fast one holds up the event loop."""
+    loop = asyncio.get_running_loop()
+    items: queue.Queue[Any] = queue.Queue(maxsize)
+    ready = asyncio.Event()
+    waiting = False
+
+    def put(item: object) -> None:
+        items.put(item)
+        if waiting:  # wake the consumer only when it sleeps: one wake-up per batch
+            loop.call_soon_threadsafe(ready.set)
+
+    def run() -> None:
+        try:
+            for item in produce():
+                put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed over to the consumer
+            put(_Raised(exc))
+        put(_END)
+
+    threading.Thread(target=run, name="fetcher-list", daemon=True).start()
+    while True:
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            ready.clear()
+            waiting = True
+            if items.empty():
+                await ready.wait()
+            waiting = False
+            continue
+        if item is _END:
+            return
+        if isinstance(item, _Raised):
+            raise item.exc
+        yield item
