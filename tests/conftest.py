@@ -1,0 +1,108 @@
+"""Shared fixtures: one test origin per session, and real ``scrapy crawl fetch`` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.origin import Origin
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRAPY = str(Path(sys.executable).with_name("scrapy"))
+# Short limits so that fault tests take seconds; the shipped defaults stay realistic.
+FAST = {
+    "FETCHER_BACKOFF_BASE": "0.1",
+    "FETCHER_BACKOFF_MAX": "0.5",
+    "DOWNLOAD_TIMEOUT": "10",
+    "FETCHER_STALL_TIMEOUT": "5",
+}
+
+
+@dataclass
+class Run:
+    """What a person sees after a run: exit status, output, files, manifest."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+
+    @property
+    def store(self) -> Path:
+        return self.cwd / "downloads"
+
+    @property
+    def manifest(self) -> list[dict[str, Any]]:
+        path = self.store / "manifest.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def record(self, url: str) -> dict[str, Any]:
+        matches = [r for r in self.manifest if r["url"] == url]
+        assert len(matches) == 1, (url, self.manifest)
+        return matches[0]
+
+    @property
+    def log(self) -> str:
+        return self.stderr
+
+
+class Fetch:
+    """Runs ``scrapy crawl fetch`` in its own working directory, as a user would."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+
+    def command(self, *args: str, settings: dict[str, Any] | None = None) -> list[str]:
+        cmd = [SCRAPY, "crawl", "fetch", *args]
+        for key, value in {**FAST, **(settings or {})}.items():
+            cmd += ["-s", f"{key}={value}"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SCRAPY_SETTINGS_MODULE"] = "fetcher.settings"
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("SCRAPY_PROJECT", None)
+        return env
+
+    def __call__(
+        self,
+        list_text: str | None = None,
+        *args: str,
+        settings: dict[str, Any] | None = None,
+        timeout: float = 120,
+        stdin: str | None = None,
+    ) -> Run:
+        if list_text is not None:
+            (self.cwd / "urls.txt").write_text(list_text)
+            args = ("-a", "list=urls.txt", *args)
+        proc = subprocess.run(
+            self.command(*args, settings=settings),
+            cwd=self.cwd,
+            env=self.env(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Run(proc.returncode, proc.stdout, proc.stderr, self.cwd)
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[Origin]:
+    with Origin().start() as o:
+        yield o
+
+
+@pytest.fixture
+def fetch(tmp_path: Path, origin: Origin) -> Fetch:
+    origin.reset_stats()
+    return Fetch(tmp_path)

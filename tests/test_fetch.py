@@ -1,0 +1,189 @@
+"""The streaming downloader end to end: real `scrapy crawl fetch` runs against the test origin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+from tests.conftest import Fetch
+from tests.origin import Origin, content_bytes, expected_digest
+
+MiB = 1024 * 1024
+
+
+def digest(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_mixed_list_downloads_everything_then_skips_it(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    big = 48 * MiB
+    listing = textwrap.dedent(f"""\
+        # comments and blank lines are ignored
+
+        {u}/gen/10k/small/a.bin
+        {u}/gen/{big}/big/b.iso   out=isos/b.iso   sha256={expected_digest("big/b.iso", big)}
+        {u}/gen/3m/c.iso
+          out=c.iso
+          checksum=sha-256={expected_digest("c.iso", 3 * MiB)}
+        {u}/gen/1k/d.bin  md5={expected_digest("d.bin", 1024, algorithm="md5")}
+        {u}/gen/0/empty.txt
+        """)
+    run = fetch(listing)
+    assert run.returncode == 0, run.log
+    host = u.removeprefix("http://")
+    expected = {
+        f"{host}/gen/10k/small/a.bin": ("small/a.bin", 10 * 1024),
+        "isos/b.iso": ("big/b.iso", big),
+        "c.iso": ("c.iso", 3 * MiB),
+        f"{host}/gen/1k/d.bin": ("d.bin", 1024),
+        f"{host}/gen/0/empty.txt": ("empty.txt", 0),
+    }
+    for rel, (name, size) in expected.items():
+        path = run.store / rel
+        assert path.stat().st_size == size, rel
+        assert digest(path) == expected_digest(name, size), rel
+    assert not list(run.store.rglob("*.part*"))
+
+    records = {r["path"]: r for r in run.manifest}
+    assert set(records) == set(expected)
+    for rel, (name, size) in expected.items():
+        r = records[rel]
+        assert r["status"] == "downloaded" and r["error"] is None
+        assert r["size"] == size and r["algorithm"] == "sha256"
+        assert r["checksum"] == expected_digest(name, size)
+        assert r["http_status"] == 200 and r["attempts"] == 1
+    assert "fetcher summary: 5 URLs" in run.log and "5 downloaded, 0 up to date, 0 failed" in run.log
+
+    origin.reset_stats()
+    again = fetch(listing)
+    assert again.returncode == 0, again.log
+    assert {r["status"] for r in again.manifest} == {"uptodate"}
+    assert {r["checksum"] for r in again.manifest} == {r["checksum"] for r in records.values()}
+    assert origin.stats.bytes_sent == 0  # no body fetched again
+    assert "0 downloaded, 5 up to date, 0 failed" in again.log
+
+
+def test_bad_lines_and_checksum_mismatch_fail_alone(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    listing = textwrap.dedent(f"""\
+        {u}/gen/2k/good.bin
+        not a url
+        {u}/gen/2k/opt.bin  colour=blue
+        ftp://127.0.0.1/file.bin
+        {u}/gen/2k/wrong.bin  sha256={"0" * 64}
+        {u}/gen/2k/good.bin
+        """)
+    run = fetch(listing)
+    assert run.returncode == 1
+    host = u.removeprefix("http://")
+    good = run.store / host / "gen/2k/good.bin"
+    assert good.read_bytes() == content_bytes("good.bin", 2048)
+    assert origin.stats.hits_by_path["/gen/2k/good.bin"] == 1  # the duplicate was not fetched again
+    assert not (run.store / host / "gen/2k/wrong.bin").exists()  # wrong bytes never at the final name
+    assert not list(run.store.rglob("*.part*"))
+
+    failed = [r for r in run.manifest if r["status"] == "failed"]
+    assert len(failed) == 4 and len(run.manifest) == 5
+    errors = " | ".join(r["error"] for r in failed)
+    assert "line 2: not a valid http(s) URL" in errors
+    assert "line 3: unknown option 'colour'" in errors
+    assert "line 4: unsupported scheme 'ftp'" in errors
+    wrong = run.record(f"{u}/gen/2k/wrong.bin")
+    assert wrong["error"].startswith("checksum mismatch") and wrong["path"] is not None
+    assert "line 6: duplicate" in run.log
+    entries = [line for line in (run.store / "failed.txt").read_text().splitlines() if not line.startswith("#")]
+    assert entries == [f"{u}/gen/2k/wrong.bin  sha256={'0' * 64}"]  # bad lines stay comments
+
+
+def test_inline_urls_and_standard_input(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    run = fetch(None, "-a", f"urls={u}/gen/1k/x1.bin {u}/gen/1k/x2.bin")
+    assert run.returncode == 0, run.log
+    assert {r["status"] for r in run.manifest} == {"downloaded"} and len(run.manifest) == 2
+
+    run = fetch(None, "-a", "list=-", stdin=f"{u}/gen/1k/x3.bin\n  out=three.bin\n")
+    assert run.returncode == 0, run.log
+    assert (run.store / "three.bin").read_bytes() == content_bytes("x3.bin", 1024)
+
+
+def test_list_fetched_over_http(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    origin.texts["remote-list"] = f"{u}/gen/5k/r1.bin\n{u}/gen/5k/r2.bin  out=r2.bin\n"
+    run = fetch(None, "-a", f"list={u}/text/remote-list")
+    assert run.returncode == 0, run.log
+    assert (run.store / "r2.bin").read_bytes() == content_bytes("r2.bin", 5 * 1024)
+    assert len(run.manifest) == 2
+
+    missing = fetch(None, "-a", f"list={u}/text/no-such-list")
+    assert missing.returncode == 1
+    assert "cannot fetch the list" in missing.log and "HTTP 404" in missing.log
+
+
+def test_missing_list_file_stops_before_anything(fetch: Fetch) -> None:
+    run = fetch(None, "-a", "list=nowhere.txt")
+    assert run.returncode != 0
+    assert "list file nowhere.txt does not exist" in run.log
+    assert not (run.store / "manifest.jsonl").exists()
+
+
+def test_the_list_is_read_lazily(fetch: Fetch, origin: Origin) -> None:
+    """Downloads start while the list is still being written: it is never read whole first."""
+    u = origin.url
+    proc = subprocess.Popen(
+        fetch.command("-a", "list=-"), cwd=fetch.cwd, env=fetch.env(), stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(f"{u}/gen/1k/lazy1.bin\n{u}/gen/1k/lazy2.bin\n")
+    proc.stdin.flush()
+    first = fetch.cwd / "downloads" / u.removeprefix("http://") / "gen/1k/lazy1.bin"
+    deadline = time.monotonic() + 30
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "nothing was downloaded before the list ended"
+    proc.stdin.write(f"{u}/gen/1k/lazy3.bin\n")
+    proc.stdin.close()
+    assert proc.wait(60) == 0
+    assert origin.stats.hits_by_path["/gen/1k/lazy3.bin"] == 1
+
+
+def test_names_never_leave_the_store(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    listing = "\n".join([
+        f"{u}/gen/1k/../../../escape1.bin",
+        f"{u}/gen/1k/%2e%2e/%2E%2e/escape2.bin",
+        f"{u}/gen/1k/a%2f..%2f..%2fescape3.bin",
+        f"{u}/gen/1k/ok.bin  out=../escape4.bin",
+        f"{u}/gen/1k/ok.bin  out=/tmp/escape5.bin",
+    ]) + "\n"
+    run = fetch(listing)
+    store = run.store.resolve()
+    for path in fetch.cwd.rglob("*"):
+        if path.is_file() and path.name.startswith(("escape", "a%2F")):
+            assert store in path.resolve().parents, path
+    assert not Path("/tmp/escape5.bin").exists()
+    outs = [r for r in run.manifest if "escape4" in (r["error"] or "") or "escape5" in (r["error"] or "")]
+    assert len(outs) == 2 and all(r["status"] == "failed" for r in outs)
+
+
+def test_settings_layout_algorithm_and_manifest_location(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    run = fetch(
+        f"{u}/gen/4k/h.tar.gz\n",
+        settings={"FETCHER_LAYOUT": "hash", "FETCHER_ALGORITHM": "md5", "FETCHER_MANIFEST": "out/m.jsonl"},
+    )
+    assert run.returncode == 0, run.log
+    [record] = [json.loads(line) for line in (fetch.cwd / "out/m.jsonl").read_text().splitlines()]
+    sha1 = hashlib.sha1(f"{u}/gen/4k/h.tar.gz".encode()).hexdigest()
+    assert record["path"] == f"full/{sha1}.gz"
+    assert record["algorithm"] == "md5" and record["checksum"] == expected_digest("h.tar.gz", 4096, algorithm="md5")
+    assert (run.store / record["path"]).read_bytes() == content_bytes("h.tar.gz", 4096)
