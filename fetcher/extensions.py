@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from scrapy import signals
-from scrapy.exceptions import NotConfigured
-
+from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
 from fetcher.items import BAD_LINE
 
@@ -27,15 +26,13 @@ logger = logging.getLogger(__name__)
 _EXAMPLES = 3  # example URLs per failure reason in the summary
 
 
-def _store_file(crawler: Crawler, setting: str, default_name: str) -> Path | None:
-    """Where a report goes: the setting, or *default_name* in FILES_STORE; None when off."""
-    value = crawler.settings.get(setting)
-    if value is None or value is False:
-        return None
+def _store_file(crawler: Crawler, setting: str, default_name: str) -> Path:
+    """Where a report goes: the setting, or *default_name* inside FILES_STORE."""
+    value = crawler.settings.get(setting) or getattr(defaults, setting)
     if value:
         return Path(value)
-    store = crawler.settings.get("FILES_STORE")
-    if not store or "://" in str(store):
+    store = crawler.settings.get("FILES_STORE") or defaults.FILES_STORE
+    if "://" in str(store):  # a remote store: keep the reports in the working directory
         return Path(default_name)
     return Path(store) / default_name
 
@@ -53,10 +50,7 @@ class Manifest:
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Manifest:
-        path = _store_file(crawler, "FETCHER_MANIFEST", "manifest.jsonl")
-        if path is None:
-            raise NotConfigured("FETCHER_MANIFEST is off")
-        return cls(crawler, path)
+        return cls(crawler, _store_file(crawler, "FETCHER_MANIFEST", "manifest.jsonl"))
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +84,7 @@ class FailedList:
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> FailedList:
-        path = _store_file(crawler, "FETCHER_FAILED_LIST", "failed.txt")
-        if path is None:
-            raise NotConfigured("FETCHER_FAILED_LIST is off")
-        return cls(crawler, path)
+        return cls(crawler, _store_file(crawler, "FETCHER_FAILED_LIST", "failed.txt"))
 
     def write(self, record: FileRecord) -> None:
         if record.status != "failed":

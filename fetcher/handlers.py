@@ -40,6 +40,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers as TxHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from fetcher import settings as defaults
 from fetcher._scrapy_private import tls_policy
 from fetcher.writer import BodyError
 
@@ -81,8 +82,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._pool.maxPersistentPerHost = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
         self._tls = tls_policy(crawler)
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
-        self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT")
-        self._max_time = settings.getfloat("FETCHER_MAX_TIME")
+        self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
+        self._max_time = settings.getfloat("FETCHER_MAX_TIME", defaults.FETCHER_MAX_TIME)
 
     async def download_request(self, request: Request) -> Response:
         sink: HashingWriter | None = request.meta.get(SINK_META)

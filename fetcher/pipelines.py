@@ -33,6 +33,7 @@ from scrapy.utils.asyncio import is_asyncio_available
 from scrapy.utils.misc import load_object
 from twisted.python.failure import Failure
 
+from fetcher import settings as defaults
 from fetcher import signals
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.handlers import SINK_META, STREAMED_FLAG, StallTimeoutError
@@ -91,23 +92,23 @@ class StreamingFilesPipeline(FilesPipeline):
             raise NotConfigured(f"{type(self).__name__} needs the asyncio reactor")
         s = crawler.settings
         self.store_dir = Path(self.store.basedir)
-        self.algorithm: str = s.get("FETCHER_ALGORITHM", "sha256")
+        self.algorithm: str = s.get("FETCHER_ALGORITHM", defaults.FETCHER_ALGORITHM)
         hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
-        self.layout: str = s.get("FETCHER_LAYOUT", "url")
+        self.layout: str = s.get("FETCHER_LAYOUT", defaults.FETCHER_LAYOUT)
         if self.layout not in ("url", "hash"):
             raise ValueError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
-        self.max_size = s.getint("FETCHER_MAX_SIZE")
-        self.resume = s.getbool("FETCHER_RESUME", True)
-        self.fsync = s.getbool("FETCHER_FSYNC")
+        self.max_size = s.getint("FETCHER_MAX_SIZE", defaults.FETCHER_MAX_SIZE)
+        self.resume = s.getbool("FETCHER_RESUME", defaults.FETCHER_RESUME)
+        self.fsync = s.getbool("FETCHER_FSYNC", defaults.FETCHER_FSYNC)
         self.retry_times = s.getint("RETRY_TIMES") if s.getbool("RETRY_ENABLED") else 0
         self.retry_codes = {int(c) for c in s.getlist("RETRY_HTTP_CODES")}
         self.retry_exceptions = tuple(
             load_object(x) if isinstance(x, str) else x for x in s.getlist("RETRY_EXCEPTIONS")
         )
         self.backoff = Backoff(
-            s.getfloat("FETCHER_BACKOFF_BASE", 1.0),
-            s.getfloat("FETCHER_BACKOFF_MAX", 60.0),
-            s.getfloat("FETCHER_RETRY_AFTER_MAX", 600.0),
+            s.getfloat("FETCHER_BACKOFF_BASE", defaults.FETCHER_BACKOFF_BASE),
+            s.getfloat("FETCHER_BACKOFF_MAX", defaults.FETCHER_BACKOFF_MAX),
+            s.getfloat("FETCHER_RETRY_AFTER_MAX", defaults.FETCHER_RETRY_AFTER_MAX),
         )
         # Global cap on transfers; a download waiting out a backoff holds none.
         self._slots = asyncio.Semaphore(max(1, s.getint("CONCURRENT_REQUESTS")))

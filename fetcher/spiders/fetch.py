@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from scrapy import Request, Spider, signals
 from scrapy.exceptions import CloseSpider
 
+from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord
@@ -71,7 +72,7 @@ class FetchSpider(Spider):
         spider = super().from_crawler(crawler, *args, **kwargs)
         for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
             crawler.signals.connect(spider._item_done, signal=signal)
-        spider.max_pending = max(1, crawler.settings.getint("FETCHER_MAX_PENDING", 1000))
+        spider.max_pending = max(1, crawler.settings.getint("FETCHER_MAX_PENDING", defaults.FETCHER_MAX_PENDING))
         return spider
 
     async def start(self) -> AsyncIterator[Any]:
