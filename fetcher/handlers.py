@@ -19,6 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urldefrag
 
+from OpenSSL import SSL
 from scrapy.core.downloader.handlers.base import BaseDownloadHandler
 from scrapy.core.downloader.handlers.http11 import HTTP11DownloadHandler
 from scrapy.exceptions import (
@@ -64,6 +65,10 @@ _ERROR_BODY_LIMIT = 64 * 1024
 
 class StallTimeoutError(DownloadTimeoutError):
     """No body bytes arrived for FETCHER_STALL_TIMEOUT seconds."""
+
+
+class TLSError(Exception):
+    """The TLS handshake failed (a certificate that does not verify): retrying cannot help."""
 
 
 class StreamingDownloadHandler(BaseDownloadHandler):
@@ -243,7 +248,11 @@ def _readable(exc: Exception, request: Request) -> Exception:
         return DownloadConnectionRefusedError(f"connection refused by {host}")
     if isinstance(exc, txerror.TimeoutError):
         return DownloadTimeoutError(f"connecting to {host} timed out")
-    if getattr(exc, "reasons", None):  # ResponseFailed, ResponseNeverReceived: TLS, resets
+    reasons = getattr(exc, "reasons", None) or []  # ResponseFailed, ResponseNeverReceived
+    if any(isinstance(r.value, SSL.Error) for r in reasons):
+        hint = " (DOWNLOAD_VERIFY_CERTIFICATES=False skips the check)" if "certificate" in _describe(exc) else ""
+        return TLSError(f"TLS with {host} failed: {_describe(exc)}{hint}")
+    if reasons:
         return DownloadFailedError(f"connection to {host} failed: {_describe(exc)}")
     if isinstance(exc, txerror.ConnectError):
         return DownloadFailedError(f"cannot connect to {host}: {exc}")

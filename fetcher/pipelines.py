@@ -10,8 +10,10 @@ expected checksum, rename it into place, and tell the manifest how it ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +38,9 @@ from twisted.python.failure import Failure
 from fetcher import settings as defaults
 from fetcher import signals
 from fetcher.backoff import Backoff, retry_after_seconds
-from fetcher.handlers import SINK_META, STREAMED_FLAG, StallTimeoutError
+from fetcher.handlers import SINK_META, STREAMED_FLAG, StallTimeoutError, TLSError
 from fetcher.items import FileRecord
+from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import resolve_in_store, url_to_path
 from fetcher.urllist import Entry
 from fetcher.writer import (
@@ -48,6 +51,7 @@ from fetcher.writer import (
     ResumeMismatch,
     StorageError,
     hash_file,
+    load_validators,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ENTRY_META = "fetcher_entry"
+_RESERVED_FDS = 64  # descriptors Scrapy, the reactor, logs and the manifest need besides transfers
 
 
 class _Outcome(Exception):
@@ -99,6 +104,7 @@ class StreamingFilesPipeline(FilesPipeline):
             raise ValueError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
         self.max_size = s.getint("FETCHER_MAX_SIZE", defaults.FETCHER_MAX_SIZE)
         self.resume = s.getbool("FETCHER_RESUME", defaults.FETCHER_RESUME)
+        self.revalidate = s.getbool("FETCHER_REVALIDATE", defaults.FETCHER_REVALIDATE)
         self.fsync = s.getbool("FETCHER_FSYNC", defaults.FETCHER_FSYNC)
         self.retry_times = s.getint("RETRY_TIMES") if s.getbool("RETRY_ENABLED") else 0
         self.retry_codes = {int(c) for c in s.getlist("RETRY_HTTP_CODES")}
@@ -111,7 +117,7 @@ class StreamingFilesPipeline(FilesPipeline):
             s.getfloat("FETCHER_RETRY_AFTER_MAX", defaults.FETCHER_RETRY_AFTER_MAX),
         )
         # Global cap on transfers; a download waiting out a backoff holds none.
-        self._slots = asyncio.Semaphore(max(1, s.getint("CONCURRENT_REQUESTS")))
+        self._slots = asyncio.Semaphore(_fitting_concurrency(s.getint("CONCURRENT_REQUESTS")))
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
 
     # -- stock FilesPipeline hooks
@@ -187,16 +193,23 @@ class StreamingFilesPipeline(FilesPipeline):
         if entry.checksum and entry.checksum.algorithm != self.algorithm:
             algorithms += (entry.checksum.algorithm,)
         record = FileRecord(entry, "failed", path=path, algorithm=self.algorithm)
-        if await self._uptodate(final, algorithms, record):
-            return record
+        conditional: dict[str, str] = {}
+        if final.is_file():
+            if self.revalidate and (validators := load_validators(final, entry.url)):
+                conditional = validators.conditional()
+            elif await self._uptodate(final, algorithms, record):
+                return record
         writer = HashingWriter(final, algorithms, max_size=self.max_size, fsync=self.fsync)
         stats = self.crawler.stats
         while True:
             record.attempts += 1
             try:
                 await self._prepare(writer, entry.url)
-                response = await self._download(request, writer)
-                self._complete(response, writer, record)
+                response = await self._download(request, writer, conditional)
+                if response.status == 304 and conditional:
+                    await self._not_modified(final, algorithms, record)
+                else:
+                    self._complete(response, writer, record)
             except _Outcome as outcome:
                 writer.close()
                 record.received = writer.transferred
@@ -233,6 +246,12 @@ class StreamingFilesPipeline(FilesPipeline):
         record.status, record.size, record.checksum = "uptodate", size, digests[self.algorithm]
         return True
 
+    async def _not_modified(self, final: Path, algorithms: tuple[str, ...], record: FileRecord) -> None:
+        record.http_status = 304
+        if not await self._uptodate(final, algorithms, record):
+            raise _Outcome("the server says not modified, but the file does not match the list's checksum",
+                           reason="checksum mismatch", retryable=False, http_status=304)
+
     async def _prepare(self, writer: HashingWriter, url: str) -> None:
         try:
             await asyncio.to_thread(writer.prepare, url, resume=self.resume)
@@ -240,9 +259,10 @@ class StreamingFilesPipeline(FilesPipeline):
             raise _Outcome(f"cannot read {writer.part}: {exc.strerror or exc}", reason="disk error",
                            retryable=False, keep_part=False) from exc
 
-    async def _download(self, request: Request, writer: HashingWriter) -> Response:
+    async def _download(self, request: Request, writer: HashingWriter, conditional: dict[str, str]) -> Response:
         headers = dict(request.headers.to_unicode_dict())
         headers["Accept-Encoding"] = "identity"  # the bytes the server has, not a re-encoding
+        headers.update(conditional)
         headers.update(writer.range_headers())
         attempt = request.replace(
             headers=headers,
@@ -269,9 +289,6 @@ class StreamingFilesPipeline(FilesPipeline):
         """Judge a response: commit the file, or raise the _Outcome to act on."""
         status = response.status
         record.http_status = status
-        if status == 304:
-            record.status = "uptodate"
-            return
         if STREAMED_FLAG not in response.flags:
             retry_after = None
             if status in (429, 503):
@@ -304,6 +321,27 @@ class StreamingFilesPipeline(FilesPipeline):
         self.crawler.signals.send_catch_log(signals.file_finished, record=record)
 
 
+def _fitting_concurrency(wanted: int) -> int:
+    """Transfers that fit in the file-descriptor limit (``ulimit -n``): each
+    needs a socket and a .part file, and Scrapy needs some for itself. The soft
+    limit is raised to the hard one first; past that, fewer transfers run at once
+    rather than failing on EMFILE."""
+    wanted = max(1, wanted)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * wanted + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        with contextlib.suppress(ValueError, OSError):
+            soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    fitting = max(1, (soft - _RESERVED_FDS) // 2)
+    logger.warning("CONCURRENT_REQUESTS=%d needs about %d file descriptors, but the limit (ulimit -n) is %d: "
+                   "running %d transfers at once", wanted, needed, soft, fitting)
+    return fitting
+
+
 _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (StallTimeoutError, "stall timeout"),
     (DownloadTimeoutError, "timeout"),
@@ -311,10 +349,12 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (CannotResolveHostError, "DNS lookup failed"),
     (ResponseDataLossError, "connection lost mid-body"),
     (DownloadFailedError, "connection failed"),
+    (TLSError, "TLS error"),
     (FileTooLarge, "over FETCHER_MAX_SIZE"),
     (StorageError, "disk error"),
     (LengthMismatch, "length mismatch"),
     (ResumeMismatch, "bad resume"),
+    (RedirectLoopError, "redirect loop"),
     (IgnoreRequest, "not downloaded"),
 )
 

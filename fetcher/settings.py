@@ -33,6 +33,7 @@ DOWNLOAD_HANDLERS = {
     "http": "fetcher.handlers.StreamingDownloadHandler",
     "https": "fetcher.handlers.StreamingDownloadHandler",
 }
+DOWNLOADER_MIDDLEWARES = {"fetcher.middlewares.RedirectGuardMiddleware": 650}  # before RedirectMiddleware (600)
 ITEM_PIPELINES = {"fetcher.pipelines.StreamingFilesPipeline": 1}
 FILES_STORE = "downloads"  # relative to the working directory
 EXTENSIONS = {
@@ -55,6 +56,7 @@ FETCHER_FAILED_LIST = ""  # failures in list format; "" means <FILES_STORE>/fail
 FETCHER_MAX_SIZE = 0  # bytes; a larger file fails (0: no cap)
 FETCHER_MAX_PENDING = 1000  # list entries in progress at once (bounds memory on huge lists)
 FETCHER_RESUME = True  # continue a .part file with Range/If-Range instead of starting over
+FETCHER_REVALIDATE = False  # ask the server (If-None-Match/If-Modified-Since) instead of skipping finished files
 FETCHER_FSYNC = False  # fsync each file before renaming it into place
 FETCHER_STALL_TIMEOUT = 60  # seconds without body bytes before an attempt is abandoned
 FETCHER_MAX_TIME = 0  # seconds one attempt may take in all (0: no limit)

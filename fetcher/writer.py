@@ -8,15 +8,20 @@ resuming, size caps and length checks are testable without a crawler.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 PART_SUFFIX = ".part"
+XATTR = "user.fetcher.validators"  # ETag/Last-Modified of a finished file, for revalidation
 META_SUFFIX = ".part.meta"
 _READ_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -55,6 +60,8 @@ class StorageError(BodyError):
 
     def __init__(self, path: Path, exc: OSError) -> None:
         super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+        # Out of file descriptors passes; a full disk or a bad path does not.
+        self.retryable = exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,15 @@ class Validators:
     url: str
     etag: str | None = None
     last_modified: str | None = None
+
+    def conditional(self) -> dict[str, str]:
+        """Headers asking for the body only if it changed (revalidation)."""
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
 
     def if_range(self) -> str | None:
         # A weak ETag may not be used with If-Range (RFC 9110 13.1.5).
@@ -228,6 +244,8 @@ class HashingWriter:
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
         self.meta.unlink(missing_ok=True)
+        if self.validators is not None:
+            save_validators(self.final, self.validators)
 
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
@@ -254,6 +272,26 @@ class HashingWriter:
     def _write_meta(self, v: Validators) -> None:
         record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified}
         self.meta.write_text(json.dumps(record), encoding="utf-8")
+
+
+def save_validators(path: Path, v: Validators) -> None:
+    """Remember a finished file's validators (an extended attribute) and give it
+    the server's Last-Modified as mtime, as ``wget -N`` and ``curl -R`` do."""
+    if v.last_modified:
+        with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+            when = parsedate_to_datetime(v.last_modified).timestamp()
+            os.utime(path, (time.time(), when))
+    record = json.dumps({"etag": v.etag, "last_modified": v.last_modified}).encode()
+    with contextlib.suppress(OSError, AttributeError):  # no xattrs here: revalidation refetches
+        os.setxattr(path, XATTR, record)
+
+
+def load_validators(path: Path, url: str) -> Validators | None:
+    try:
+        data = json.loads(os.getxattr(path, XATTR))
+    except (OSError, AttributeError, ValueError):
+        return None
+    return Validators(url, data.get("etag"), data.get("last_modified"))
 
 
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:

@@ -1,0 +1,355 @@
+"""Faults, resume and bad input: real crawls against an origin that fails, stalls and drops."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Fetch, Run
+from tests.origin import Origin, content_bytes, expected_digest
+
+MiB = 1 << 20
+
+
+def host_dir(run: Run, origin: Origin) -> Path:
+    return run.store / origin.url.split("://")[1]
+
+
+def requests_for(origin: Origin, path: str) -> list[dict]:
+    return [r for r in origin.stats.snapshot().requests if r["path"] == path]
+
+
+def assert_no_traceback(run: Run) -> None:
+    assert "Traceback" not in run.log, run.log[-3000:]
+
+
+# -- retries -------------------------------------------------------------------------------
+
+
+def test_waiting_retries_hold_no_concurrency_slot(fetch: Fetch, origin: Origin) -> None:
+    """CONCURRENT_REQUESTS=4; four URLs answer 503 + Retry-After: 3 twice; a hundred answer at once."""
+    u = origin.url
+    flaky = [f"/gen/2k/flaky{i}.bin" for i in range(4)]
+    quick = [f"/gen/2k/quick{i}.bin" for i in range(100)]
+    listing = "".join(f"{u}{p}?fail=503:2&retry_after=3\n" for p in flaky) + "".join(f"{u}{p}\n" for p in quick)
+    run = fetch(listing, settings={"CONCURRENT_REQUESTS": 4, "FETCHER_RETRY_AFTER_MAX": 10})
+    assert run.returncode == 0, run.log
+    stats = origin.stats.snapshot()
+    assert stats.inflight_max <= 4
+    order = [r["path"] for r in stats.requests]
+    first_retry = min(i for i, p in enumerate(order) if p in flaky and order[: i].count(p) == 1)
+    assert all(order.index(p) < first_retry for p in quick), "a retry fired before the hundred were done"
+    for p in flaky:
+        record = run.record(f"{u}{p}?fail=503:2&retry_after=3")
+        assert record["status"] == "downloaded" and record["attempts"] == 3
+        assert stats.hits_by_path[p] == 3
+    assert len(re.findall(r"Retrying .* in 3\.0 s", run.log)) == 8
+
+
+def test_retry_after_as_http_date(fetch: Fetch, origin: Origin) -> None:
+    url = f"{origin.url}/gen/1k/dated.bin?fail=429:1&retry_after_date=2"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    assert run.record(url)["attempts"] == 2
+    waited = float(re.search(r"Retrying .* in ([\d.]+) s", run.log).group(1))
+    assert 0.5 <= waited <= 2.5  # the server's date, not our 0.1 s backoff
+
+
+def test_what_cannot_succeed_is_not_retried(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    codes = [404, 410, 401, 403]
+    run = fetch("".join(f"{u}/status/{c}\n" for c in codes))
+    assert run.returncode == 1
+    for c in codes:
+        record = run.record(f"{u}/status/{c}")
+        assert record["status"] == "failed" and record["attempts"] == 1
+        assert record["error"] == f"HTTP {c}" and record["http_status"] == c
+        assert origin.stats.hits_by_path[f"/status/{c}"] == 1
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_connection_is_retried_then_reported(fetch: Fetch) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/file.bin"
+    run = fetch(f"{url}\n", settings={"RETRY_TIMES": 2})
+    assert run.returncode == 1
+    record = run.record(url)
+    assert record["attempts"] == 3 and record["status"] == "failed"
+    assert "connection refused" in record["error"]
+    assert_no_traceback(run)
+
+
+# -- timeouts and resume -----------------------------------------------------------------------
+
+
+def test_stalled_body_is_abandoned_and_resumed(fetch: Fetch, origin: Origin) -> None:
+    size, stall_at = 4 * MiB, 1_000_000
+    url = f"{origin.url}/gen/{size}/stall.bin?stall_at={stall_at}&stall_for=60"
+    run = fetch(f"{url}\n", settings={"FETCHER_STALL_TIMEOUT": 1})
+    assert run.returncode == 0, run.log
+    record = run.record(url)
+    assert record["attempts"] == 2 and record["checksum"] == expected_digest("stall.bin", size)
+    second = requests_for(origin, f"/gen/{size}/stall.bin")[-1]
+    assert second["headers"]["range"].startswith("bytes=") and second["status"] == 206
+    assert "stall timeout" not in run.log or "Retrying" in run.log
+
+
+def test_dropped_connection_resumes_with_range(fetch: Fetch, origin: Origin) -> None:
+    size, drop_at = 8 * MiB, 3_000_000
+    url = f"{origin.url}/gen/{size}/drop.bin?drop_at={drop_at}"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    path = host_dir(run, origin) / f"gen/{size}/drop.bin?drop_at={drop_at}"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == expected_digest("drop.bin", size)
+    first, second = requests_for(origin, f"/gen/{size}/drop.bin")
+    offset = int(second["headers"]["range"].removeprefix("bytes=").rstrip("-"))
+    assert second["headers"]["if-range"] and second["status"] == 206
+    resent = origin.stats.bytes_by_path[f"/gen/{size}/drop.bin"] - size
+    print(f"resume: dropped at {first['body_bytes']}, resumed at {offset}, re-sent {resent} bytes")
+    assert 0 <= resent <= 64 * 1024
+    assert run.record(url)["checksum"] == expected_digest("drop.bin", size)
+
+
+def test_server_ignoring_range_starts_over(fetch: Fetch, origin: Origin) -> None:
+    size = 2 * MiB
+    url = f"{origin.url}/gen/{size}/norange.bin?drop_at=500000&no_range=1"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    assert requests_for(origin, f"/gen/{size}/norange.bin")[-1]["status"] == 200
+    assert run.record(url)["checksum"] == expected_digest("norange.bin", size)
+
+
+def test_changed_resource_is_never_spliced(fetch: Fetch, origin: Origin) -> None:
+    size = 2 * MiB
+    path = f"/gen/{size}/changing.bin"
+    url = f"{origin.url}{path}?drop_at=700000"
+    first = fetch(f"{url}\n", settings={"RETRY_TIMES": 0})
+    assert first.returncode == 1 and list(first.store.rglob("*.part"))
+    origin.versions[path] = 1
+    try:
+        second = fetch(f"{url}\n")
+    finally:
+        origin.versions.pop(path)
+    assert second.returncode == 0, second.log
+    last = requests_for(origin, path)[-1]
+    assert last["headers"].get("if-range") and last["status"] == 200  # If-Range did not match
+    assert second.record(url)["checksum"] == expected_digest("changing.bin", size, version=1)
+
+
+def test_killed_run_resumes_and_skips_finished_files(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    slow = [f"/gen/{4 * MiB}/slow{i}.bin" for i in range(3)]
+    small = [f"/gen/10k/small{i}.bin" for i in range(3)]
+    listing = "".join(f"{u}{p}\n" for p in small) + "".join(f"{u}{p}?rate=1000000\n" for p in slow)
+    (fetch.cwd / "urls.txt").write_text(listing)
+    proc = subprocess.Popen(fetch.command("-a", "list=urls.txt"), cwd=fetch.cwd, env=fetch.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = fetch.cwd / "downloads"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sizes = [p.stat().st_size for p in parts.rglob("*.part")] if parts.exists() else []
+        if len(sizes) == 3 and min(sizes) > 500_000:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for f in parts.rglob("*"):  # whatever sits at a final name is complete and correct
+        if f.is_file() and ".bin" in f.name and not f.name.endswith((".part", ".part.meta")):
+            name = f.name.split("?")[0]
+            size = 10 * 1024 if name.startswith("small") else 4 * MiB
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == expected_digest(name, size), f
+    run = fetch(None, "-a", "list=urls.txt")
+    assert run.returncode == 0, run.log
+    statuses = {r["url"].split("/")[-1]: r["status"] for r in run.manifest}
+    assert all(statuses[p.split("/")[-1]] == "uptodate" for p in small)
+    for p in slow:
+        resumed = [r for r in requests_for(origin, p) if r["status"] == 206]
+        assert resumed and resumed[0]["headers"]["range"] != "bytes=0-", f"{p} was not resumed"
+        name = p.split("/")[-1]
+        assert run.record(f"{u}{p}?rate=1000000")["checksum"] == expected_digest(name, 4 * MiB)
+    sent = sum(origin.stats.bytes_by_path[p] for p in slow)  # both runs, killed connections included
+    assert sent < 3 * 4 * MiB + 3 * MiB
+
+
+def test_revalidation_asks_the_server(fetch: Fetch, origin: Origin) -> None:
+    path = "/gen/64k/reval.bin"
+    url = origin.url + path
+    assert fetch(f"{url}\n").returncode == 0
+    origin.reset_stats()
+    run = fetch(f"{url}\n", settings={"FETCHER_REVALIDATE": True})
+    assert run.returncode == 0, run.log
+    record = run.record(url)
+    assert record["status"] == "uptodate" and record["http_status"] == 304
+    [request] = requests_for(origin, path)
+    assert request["headers"].get("if-none-match") and origin.stats.bytes_sent == 0
+    origin.versions[path] = 3
+    try:
+        run = fetch(f"{url}\n", settings={"FETCHER_REVALIDATE": True})
+    finally:
+        origin.versions.pop(path)
+    assert run.record(url)["status"] == "downloaded"
+    assert run.record(url)["checksum"] == expected_digest("reval.bin", 64 * 1024, version=3)
+
+
+# -- bad input and hostile servers ------------------------------------------------------------
+
+
+def test_empty_list_says_so(fetch: Fetch) -> None:
+    run = fetch("# nothing here\n\n")
+    assert run.returncode == 0
+    assert "The list has no URLs to download" in run.log
+
+
+def test_planted_symlink_is_not_followed(fetch: Fetch, origin: Origin, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = fetch.cwd / "downloads"
+    store.mkdir()
+    (store / origin.url.split("://")[1]).symlink_to(outside)
+    url = f"{origin.url}/gen/1k/planted.bin"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 1
+    assert run.record(url)["status"] == "failed" and "symbolic link" in run.record(url)["error"]
+    assert not any(outside.rglob("*"))
+
+
+def test_content_disposition_cannot_choose_the_path(fetch: Fetch, origin: Origin) -> None:
+    url = f"{origin.url}/disposition/1k/cd.bin?filename=../../../../etc/evil"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    assert run.record(url)["path"].endswith("disposition/1k/cd.bin?filename=..%2F..%2F..%2F..%2Fetc%2Fevil")
+    assert not Path("/etc/evil").exists()
+
+
+def test_gzip_encoding_leaves_the_real_bytes(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    polite, forced = f"{u}/gen/100k/gz1.bin?gzip=1", f"{u}/gen/100k/gz2.bin?gzip=force"
+    run = fetch(f"{polite}\n{forced}\n")
+    assert run.returncode == 0, run.log
+    [req] = requests_for(origin, "/gen/100k/gz1.bin")
+    assert req["headers"]["accept-encoding"] == "identity"
+    assert (run.store / run.record(polite)["path"]).read_bytes() == content_bytes("gz1.bin", 100 * 1024)
+    # A server that encodes anyway: the bytes it sent, neither decoded nor encoded twice.
+    sent = (run.store / run.record(forced)["path"]).read_bytes()
+    assert sent[:2] == b"\x1f\x8b" and gzip.decompress(sent) == content_bytes("gz2.bin", 100 * 1024)
+
+
+def test_redirects_are_followed_and_loops_fail(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    chain, loop, pingpong = f"{u}/redirect/3/gen/1k/target.bin", f"{u}/loop/x", f"{u}/loop2/a/y"
+    run = fetch(f"{chain}\n{loop}\n{pingpong}\n")
+    assert run.returncode == 1
+    record = run.record(chain)
+    assert record["status"] == "downloaded" and record["path"].endswith("redirect/3/gen/1k/target.bin")
+    assert record["checksum"] == expected_digest("target.bin", 1024)
+    for url in (loop, pingpong):
+        assert run.record(url)["status"] == "failed" and "redirect loop" in run.record(url)["error"]
+    assert origin.stats.hits_by_path["/loop/x"] == 1
+    assert_no_traceback(run)
+
+
+@pytest.fixture(scope="module")
+def tls_origin() -> Iterator[Origin]:
+    with Origin(tls=True).start() as o:
+        yield o
+
+
+def test_tls_is_verified_by_default(fetch: Fetch, tls_origin: Origin) -> None:
+    url = f"{tls_origin.url}/gen/1k/tls.bin"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 1
+    record = run.record(url)
+    assert record["attempts"] == 1 and "certificate verify failed" in record["error"]
+    assert_no_traceback(run)
+    run = fetch(f"{url}\n", settings={"DOWNLOAD_VERIFY_CERTIFICATES": False})
+    assert run.returncode == 0, run.log
+    assert run.record(url)["checksum"] == expected_digest("tls.bin", 1024)
+
+
+def test_short_body_is_a_failure_not_a_success(fetch: Fetch, origin: Origin) -> None:
+    url = f"{origin.url}/gen/100k/short.bin?short=1000"
+    run = fetch(f"{url}\n", settings={"RETRY_TIMES": 2})
+    assert run.returncode == 1
+    record = run.record(url)
+    assert record["status"] == "failed" and record["attempts"] == 3
+    assert not (run.store / record["path"]).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_fails_cleanly(fetch: Fetch, origin: Origin, small_disk: Path) -> None:
+    u = origin.url
+    names = [("a.bin", MiB), ("big.bin", 8 * MiB), ("b.bin", MiB)]
+    listing = "".join(f"{u}/gen/{size}/{name}  out={name}\n" for name, size in names)
+    run = fetch(listing, settings={"FILES_STORE": str(small_disk), "CONCURRENT_REQUESTS": 1})
+    assert run.returncode == 1
+    assert_no_traceback(run)
+    records = {r["path"]: r for r in _manifest(small_disk)}
+    assert "No space left on device" in records["big.bin"]["error"]
+    assert not (small_disk / "big.bin").exists() and not (small_disk / "big.bin.part").exists()
+    for name, size in names:
+        if (small_disk / name).exists():
+            assert hashlib.sha256((small_disk / name).read_bytes()).hexdigest() == expected_digest(name, size)
+
+
+def _manifest(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_low_file_descriptor_limit(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    listing = "".join(f"{u}/gen/4k/fd{i}.bin\n" for i in range(600))
+    (fetch.cwd / "urls.txt").write_text(listing)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.run(
+        fetch.command("-a", "list=urls.txt",
+                      settings={"CONCURRENT_REQUESTS": 512, "CONCURRENT_REQUESTS_PER_DOMAIN": 512}),
+        cwd=fetch.cwd, env=fetch.env(), capture_output=True, text=True, timeout=300, preexec_fn=limit,
+    )
+    run = Run(proc.returncode, proc.stdout, proc.stderr, fetch.cwd)
+    assert_no_traceback(run)
+    assert "ulimit -n" in run.log
+    assert run.returncode == 0
+    assert len(run.manifest) == 600 and {r["status"] for r in run.manifest} == {"downloaded"}
+
+
+def test_connections_are_reused(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    per_host = 4
+    run = fetch("".join(f"{u}/gen/1k/reuse{i}.bin\n" for i in range(1000)),
+                settings={"CONCURRENT_REQUESTS_PER_DOMAIN": per_host})
+    assert run.returncode == 0, run.log
+    print(f"1000 files, CONCURRENT_REQUESTS_PER_DOMAIN={per_host}: {origin.stats.connections} connections, "
+          f"in flight at most {origin.stats.inflight_max}")
+    assert origin.stats.connections <= 2 * per_host
+    assert origin.stats.inflight_max <= per_host
