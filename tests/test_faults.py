@@ -353,3 +353,17 @@ def test_connections_are_reused(fetch: Fetch, origin: Origin) -> None:
           f"in flight at most {origin.stats.inflight_max}")
     assert origin.stats.connections <= 2 * per_host
     assert origin.stats.inflight_max <= per_host
+
+
+def test_dns_failure_is_retried_then_reported(fetch: Fetch, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.dns import PORT_ENV, NXDomainServer
+
+    url = "http://no-such-host.test/file.bin"
+    with NXDomainServer() as dns:
+        monkeypatch.setenv(PORT_ENV, str(dns.port))
+        run = fetch(f"{url}\n", settings={"RETRY_TIMES": 1, "TWISTED_DNS_RESOLVER": "tests.dns.LoopbackResolver"})
+    assert run.returncode == 1
+    record = run.record(url)
+    assert record["attempts"] == 2 and record["error"] == "DNS lookup failed for no-such-host.test"
+    assert dns.queries.count("no-such-host.test") >= 2  # asked again on the retry
+    assert_no_traceback(run)
