@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
@@ -536,7 +537,9 @@ class Origin:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._connections: set[asyncio.Task[None]] = set()
+        # Transports outlive their task while a TLS close waits for the peer's close_notify.
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._tmpdir: str | None = None
@@ -646,12 +649,11 @@ class Origin:
         if self._server is not None:
             self._server.close()
         tasks = list(self._connections)
-        writers = list(self._connections.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for writer in writers:
-            writer.transport.abort()
+        for transport in list(self._transports):
+            transport.abort()
         await asyncio.sleep(0)
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -663,7 +665,8 @@ class Origin:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = writer
+        self._connections.add(task)
+        self._transports.add(writer.transport)
         self.stats._connected()
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -686,7 +689,7 @@ class Origin:
         except Exception:
             log.exception("test origin: unexpected error while serving a connection")
         finally:
-            self._connections.pop(task, None)
+            self._connections.discard(task)
             if not writer.transport.is_closing():
                 writer.close()  # flushes what is buffered, then FIN
 
@@ -770,7 +773,8 @@ class Origin:
 
     async def _send_simple_and_close(self, writer: asyncio.StreamWriter, status: int, text: str) -> None:
         body = f"{status} {text}\n".encode()
-        head = self._head(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Connection", "close")])
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Connection", "close")]
+        head = self._head(status, headers)
         if not writer.transport.is_closing():
             writer.write(head + body)
             await writer.drain()
@@ -1084,14 +1088,22 @@ class Origin:
         """drop_at: let the bytes before the drop reach the client, then send a TCP RST
         (SO_LINGER 0), which clients see as a connection reset rather than a clean end."""
         transport = writer.transport
-        transport.set_write_buffer_limits(high=0)
         await writer.drain()
+        # Under TLS the socket transport sits below the SSL one and keeps its own buffer.
+        inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
         sock = writer.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RESET_FLUSH_TIMEOUT
+        while loop.time() < deadline and not transport.is_closing():
+            pending = transport.get_write_buffer_size()
+            if inner is not None:
+                pending += inner.get_write_buffer_size()
+            if sock is not None:
+                pending += _unsent_bytes(sock)
+            if not pending:
+                break
+            await asyncio.sleep(0.002)
         if sock is not None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + _RESET_FLUSH_TIMEOUT
-            while _unsent_bytes(sock) > 0 and loop.time() < deadline and not transport.is_closing():
-                await asyncio.sleep(0.002)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         finish()
@@ -1183,7 +1195,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Deterministic HTTP/1.1 test origin (see tests/origin.py for the URL scheme).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help=f"port (default {DEFAULT_CLI_PORT}; 0 = any)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_CLI_PORT, help=f"port (default {DEFAULT_CLI_PORT}; 0 = any)"
+    )
     parser.add_argument("--tls", action="store_true", help="serve HTTPS with a fresh self-signed certificate")
     parser.add_argument("--detach", action="store_true", help="fork into the background once listening; parent exits 0")
     parser.add_argument(
