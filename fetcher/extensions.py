@@ -3,15 +3,20 @@ the manifest, the failed list, and the counts, stats and summary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from scrapy import signals
+from scrapy.exceptions import NotConfigured
+from tqdm import tqdm
+from twisted.internet.task import LoopingCall
 from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
 from fetcher.items import BAD_LINE
@@ -132,6 +137,7 @@ class Summary:
 
     def opened(self) -> None:
         self.started = time.monotonic()
+        self.stats.set_value("fetcher/started", self.started)
 
     def record(self, record: FileRecord) -> None:
         self.counts[record.status] += 1
@@ -182,3 +188,119 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover - unreachable, keeps type checkers calm
+
+
+class Progress:
+    """Shows the run moving: a live bar on an interactive terminal, plain log
+    lines otherwise (Scrapyd, CI, a pipe), with the same figures: files done of
+    the total (known once the list is read), bytes, current rate, ETA, active
+    transfers, retries waiting and failures so far.
+
+    FETCHER_PROGRESS: ``auto`` (bar on a terminal, else lines), ``bar``, ``log`` or
+    ``off``; FETCHER_PROGRESS_INTERVAL: seconds between log lines.
+    """
+
+    _BAR_REFRESH = 0.5  # seconds
+
+    def __init__(self, crawler: Crawler, mode: str, interval: float) -> None:
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.mode = mode
+        self.interval = interval if mode == "log" else self._BAR_REFRESH
+        self.done = 0
+        self.failed = 0
+        self._rate = 0.0
+        self._last = (time.monotonic(), 0)
+        self._bar: Any = None
+        self._exit = contextlib.ExitStack()
+        self._loop = LoopingCall(self.tick)
+        crawler.signals.connect(self.opened, signal=signals.spider_opened)
+        crawler.signals.connect(self.record, signal=fetcher_signals.file_finished)
+        crawler.signals.connect(self.closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Progress:
+        s = crawler.settings
+        mode = str(s.get("FETCHER_PROGRESS", defaults.FETCHER_PROGRESS)).lower()
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() and s.get("LOG_FILE") is None else "log"
+        if mode in ("off", "false", "0", "none"):
+            raise NotConfigured("FETCHER_PROGRESS is off")
+        if mode not in ("bar", "log"):
+            raise ValueError(f"FETCHER_PROGRESS must be auto, bar, log or off, not {mode!r}")
+        interval = s.getfloat("FETCHER_PROGRESS_INTERVAL", defaults.FETCHER_PROGRESS_INTERVAL)
+        return cls(crawler, mode, interval)
+
+    def opened(self) -> None:
+        if self.mode == "bar":
+            self._bar = tqdm(file=sys.stderr, dynamic_ncols=True, leave=True,
+                             bar_format="fetcher {n_fmt}/{total_fmt} files |{bar:20}| {desc}")
+            # Scrapy's log lines go above the bar instead of through it.
+            for handler in logging.root.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout):
+                    old = handler.setStream(_AboveTheBar(handler.stream))
+                    self._exit.callback(handler.setStream, old)
+        self._loop.start(self.interval, now=False)
+
+    def record(self, record: FileRecord) -> None:
+        self.done += 1
+        self.failed += record.status == "failed"
+
+    def figures(self) -> dict[str, Any]:
+        now = time.monotonic()
+        received = self.stats.get_value("fetcher/bytes_received", 0)
+        then, before = self._last
+        if now > then:
+            instant = (received - before) / (now - then)
+            self._rate = instant if not self._rate else 0.7 * self._rate + 0.3 * instant
+        self._last = (now, received)
+        total = self.stats.get_value("fetcher/listed", 0) if self.stats.get_value("fetcher/list_complete") else None
+        elapsed = now - self.crawler.stats.get_value("fetcher/started", now)
+        eta = None
+        if total and self.done and total > self.done:
+            eta = (total - self.done) * elapsed / self.done
+        return {
+            "done": self.done, "total": total, "received": received, "rate": self._rate, "eta": eta,
+            "active": self.stats.get_value("fetcher/active", 0),
+            "waiting": self.stats.get_value("fetcher/retry_waiting", 0), "failed": self.failed,
+        }
+
+    def tick(self) -> None:
+        f = self.figures()
+        detail = (f"{human_bytes(f['received'])}, {human_bytes(f['rate'])}/s, {f['active']} active, "
+                  f"{f['waiting']} retries waiting, {f['failed']} failed")
+        eta = "" if f["eta"] is None else f", ETA {_clock(f['eta'])}"
+        if self._bar is not None:
+            self._bar.total = f["total"]
+            self._bar.n = f["done"]
+            self._bar.set_description_str(detail + eta, refresh=False)
+            self._bar.refresh()
+            return
+        total = "?" if f["total"] is None else str(f["total"])
+        logger.info("Progress: %d/%s files, %s%s", f["done"], total, detail, eta)
+
+    def closed(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        if self._bar is not None:
+            self.tick()
+            self._bar.close()
+        self._exit.close()
+
+
+class _AboveTheBar:
+    """A log handler's stream that prints each record above the progress bar."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -48,6 +48,7 @@ from fetcher.writer import BodyError
 if TYPE_CHECKING:
     from scrapy import Request
     from scrapy.crawler import Crawler
+    from scrapy.statscollectors import StatsCollector
     from twisted.internet.interfaces import IDelayedCall
     from twisted.python.failure import Failure
     from twisted.web.client import Response as TxResponse
@@ -134,7 +135,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         body = b""
         if request.method != "HEAD" and txresponse.length != 0 and status not in (204, 304):
             finished: Deferred[bytes] = Deferred()
-            reader = _BodyReader(finished, sink if streaming else None, self._reactor, self._stall_timeout)
+            reader = _BodyReader(finished, sink if streaming else None, self._reactor, self._stall_timeout,
+                                 self.crawler.stats)
             txresponse.deliverBody(reader)
             max_call = (
                 self._reactor.callLater(self._max_time, reader.fail, DownloadTimeoutError(
@@ -170,8 +172,10 @@ class _BodyReader(Protocol):
         sink: HashingWriter | None,
         reactor: Any,
         stall_timeout: float,
+        stats: StatsCollector,
     ) -> None:
         self._finished = finished
+        self._stats = stats  # fetcher/bytes_received moves as bytes arrive: the progress display reads it
         self._sink = sink
         self._buffer = bytearray()
         self._received = 0
@@ -195,6 +199,8 @@ class _BodyReader(Protocol):
             self._sink.write(data)
         except Exception as exc:  # disk full, size cap: stop the transfer, report why
             self.fail(exc)
+            return
+        self._stats.inc_value("fetcher/bytes_received", len(data))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._stall_call is not None and self._stall_call.active():

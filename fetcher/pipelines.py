@@ -216,7 +216,7 @@ class StreamingFilesPipeline(FilesPipeline):
                 record.http_status = outcome.http_status
                 if outcome.retryable and record.attempts <= self.retry_times:
                     delay = self.backoff.delay(record.attempts, outcome.retry_after)
-                    logger.info("Retrying %s in %.1f s (attempt %d of %d): %s",
+                    logger.debug("Retrying %s in %.1f s (attempt %d of %d): %s",
                                 entry.url, delay, record.attempts + 1, self.retry_times + 1, outcome)
                     stats.inc_value("retry/count")
                     stats.inc_value("fetcher/retry_waiting")

@@ -38,6 +38,7 @@ ITEM_PIPELINES = {"fetcher.pipelines.StreamingFilesPipeline": 1}
 FILES_STORE = "downloads"  # relative to the working directory
 EXTENSIONS = {
     "scrapy.extensions.logstats.LogStats": None,  # replaced by fetcher's progress lines
+    "fetcher.extensions.Progress": 90,  # first: its bar is closed before the summary prints
     "fetcher.extensions.Manifest": 100,
     "fetcher.extensions.FailedList": 105,
     "fetcher.extensions.Summary": 110,
@@ -47,6 +48,8 @@ EXTENSIONS = {
 TELNETCONSOLE_ENABLED = False
 REMOTE_CONTROL_ENABLED = False
 LOG_LEVEL = "INFO"
+LOG_VERSIONS: list[str] = []  # no version banner at start-up (scrapy version shows it)
+STATS_DUMP = False  # the summary says it in five lines; -s STATS_DUMP=True for Scrapy's full stats
 
 # --- fetcher's own settings ------------------------------------------------------
 FETCHER_ALGORITHM = "sha256"  # hashlib name of the digest in the manifest and `files`
@@ -60,6 +63,8 @@ FETCHER_REVALIDATE = False  # ask the server (If-None-Match/If-Modified-Since) i
 FETCHER_FSYNC = False  # fsync each file before renaming it into place
 FETCHER_STALL_TIMEOUT = 60  # seconds without body bytes before an attempt is abandoned
 FETCHER_MAX_TIME = 0  # seconds one attempt may take in all (0: no limit)
+FETCHER_PROGRESS = "auto"  # "bar" on a terminal, "log" lines otherwise; or force "bar", "log", "off"
+FETCHER_PROGRESS_INTERVAL = 60.0  # seconds between progress log lines (the "log" mode)
 FETCHER_BACKOFF_BASE = 1.0  # first retry waits about this long (seconds), doubling each time
 FETCHER_BACKOFF_MAX = 60.0  # cap on the exponential backoff (seconds)
 FETCHER_RETRY_AFTER_MAX = 600.0  # cap on a server's Retry-After (seconds)

@@ -51,10 +51,19 @@ class FetchSpider(Spider):
 
     def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:  # noqa: A002
         super().__init__(**kwargs)
-        if bool(list) == bool(urls):
-            raise ValueError('give the URLs with either -a list=PATH|-|URL or -a urls="URL URL ..."')
+        self.check_arguments(list, urls)
         self.list_source = list
         self.inline_urls = urls
+        self._seen: set[int] = set()
+        self._pending = 0
+        self._room = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None  # kept so the task is not garbage-collected
+
+    @staticmethod
+    def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:  # noqa: A002
+        """Refuse a run that cannot start, before anything starts (ValueError)."""
+        if bool(list) == bool(urls):
+            raise ValueError('give the URLs with either -a list=PATH|-|URL or -a urls="URL URL ..."')
         if list and list != "-" and not _is_url(list):
             path = Path(list)
             if not path.is_file():
@@ -63,9 +72,6 @@ class FetchSpider(Spider):
                 path.open("rb").close()
             except OSError as exc:
                 raise ValueError(f"list file {list} cannot be read: {exc.strerror}") from exc
-        self._seen: set[int] = set()
-        self._pending = 0
-        self._room = asyncio.Event()
 
     @classmethod
     def from_crawler(cls, crawler: Crawler, *args: Any, **kwargs: Any) -> FetchSpider:
@@ -77,15 +83,17 @@ class FetchSpider(Spider):
 
     async def start(self) -> AsyncIterator[Any]:
         count = 0
+        stats = self.crawler.stats
         try:
             async for entry in self._entries():
                 if isinstance(entry, BadLine):
+                    stats.inc_value("fetcher/listed")
                     self._bad_line(entry)
                     continue
                 key = int.from_bytes(hashlib.blake2b(entry.url.encode(), digest_size=8).digest(), "big")
                 if key in self._seen:
                     logger.warning("line %d: duplicate of an earlier URL, skipped: %s", entry.line, entry.url)
-                    self.crawler.stats.inc_value("fetcher/duplicates")
+                    stats.inc_value("fetcher/duplicates")
                     continue
                 self._seen.add(key)
                 while self._pending >= self.max_pending:
@@ -93,11 +101,12 @@ class FetchSpider(Spider):
                     await self._room.wait()
                 self._pending += 1
                 count += 1
-                self.crawler.stats.inc_value("fetcher/listed")
+                stats.inc_value("fetcher/listed")
                 yield FetchItem(file_urls=[entry.url], fetcher_entries=[entry])
         except ListUnavailable as exc:
             logger.error("%s", exc)
             raise CloseSpider("list_unavailable") from exc
+        stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
         if not count:
             logger.warning("The list has no URLs to download")
         self._closer = asyncio.get_running_loop().create_task(self._close_when_idle())

@@ -1,0 +1,136 @@
+"""What a person sees: the progress display, the summary, failed.txt and the logs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import SCRAPY, Fetch
+from tests.origin import Origin, expected_digest
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_in_terminal(fetch: Fetch, args: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run the crawl with a pseudo-terminal as stdin/stdout/stderr; return its exit status and screen bytes."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160x40 terminal
+    proc = subprocess.Popen(fetch.command(*args), cwd=fetch.cwd, env=fetch.env(),
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(10), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    (fetch.cwd / "urls.txt").write_text(
+        f"{u}/gen/3m/slow.bin?rate=1500000\n{u}/gen/1k/quick.bin\n{u}/status/404\n"
+    )
+    code, screen = run_in_terminal(fetch, ["-a", "list=urls.txt"])
+    assert code == 1  # the 404
+    frames = [ANSI.sub("", f) for f in re.split(r"[\r\n]", screen) if f.strip()]
+    bars = [f for f in frames if f.startswith("fetcher ") and " files |" in f]
+    assert len(bars) >= 3, screen  # it moved
+    assert any(re.search(r"fetcher [0-2]/3 files \|.*MiB/s, 1 active, 0 retries waiting", b) for b in bars)
+    assert re.search(r"fetcher 3/3 files \|█+\| .*, 0 active, 0 retries waiting, 1 failed", bars[-1]), bars[-1]
+    # Log lines are whole lines above the bar, not spliced into it.
+    [failure] = [f for f in frames if "Failed " in f]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[fetcher\.pipelines\] ERROR: Failed "
+                        + re.escape(f"{u}/status/404") + r": HTTP 404", failure), failure
+    assert any(f.startswith(tuple("0123456789")) and "fetcher summary: 3 URLs" in f for f in frames)
+
+
+def test_plain_progress_lines_without_a_terminal(fetch: Fetch, origin: Origin) -> None:
+    run = fetch(f"{origin.url}/gen/2m/plain.bin?rate=2000000\n", settings={"FETCHER_PROGRESS_INTERVAL": 0.25})
+    assert run.returncode == 0, run.log
+    lines = [line for line in run.log.splitlines() if "Progress: " in line]
+    assert len(lines) >= 2
+    assert re.search(r"\[fetcher\.extensions\] INFO: Progress: 0/1 files, [\d.]+ (KiB|MiB), [\d.]+ (KiB|MiB)/s, "
+                     r"1 active, 0 retries waiting, 0 failed", lines[0]), lines[0]
+    assert "\r" not in run.log and "█" not in run.log
+
+
+@pytest.fixture
+def second_origin() -> Iterator[Origin]:
+    with Origin(host="127.0.0.2").start() as o:  # another loopback address: another host
+        yield o
+
+
+def test_summary_failed_list_and_rerun_of_failures(fetch: Fetch, origin: Origin, second_origin: Origin) -> None:
+    u, v = origin.url, second_origin.url
+    listing = "\n".join([
+        f"{u}/gen/64k/ok1.bin",
+        f"{v}/gen/1m/slowhost.bin?rate=2000000",
+        f"{u}/status/404",
+        f"{u}/gen/1k/missing.bin?fail=404:0",
+        f"{u}/gen/1k/bad.bin  out=kept/bad.bin  sha256={'a' * 64}",
+        "htp:/typo",
+    ]) + "\n"
+    run = fetch(listing)
+    assert run.returncode == 1
+    summary = run.log[run.log.index("fetcher summary"):]
+    assert "6 URLs in" in summary and "2 downloaded, 0 up to date, 4 failed" in summary
+    assert re.search(r"received [\d.]+ (KiB|MiB) at [\d.]+ (KiB|MiB)/s", summary)
+    assert "slowest hosts: 127.0.0.2:" in summary
+    assert f"2 × HTTP 404: {u}/status/404, {u}/gen/1k/missing.bin?fail=404:0" in summary
+    assert f"1 × checksum mismatch: {u}/gen/1k/bad.bin" in summary
+    assert "1 × bad list line: htp:/typo" in summary
+    # One readable line per failure at the default level, and no DEBUG noise.
+    assert len(re.findall(r"\] ERROR: ", run.log)) == 4
+    assert " DEBUG: " not in run.log and "Traceback" not in run.log
+
+    failed = (run.store / "failed.txt").read_text()
+    assert f"{u}/gen/1k/bad.bin  out=kept/bad.bin  sha256={'a' * 64}" in failed  # options kept
+    assert "# line 6: unsupported scheme 'htp': htp:/typo" in failed
+    origin.reset_stats()
+    second_origin.reset_stats()
+    rerun = fetch(None, "-a", "list=downloads/failed.txt")
+    assert rerun.returncode == 1
+    assert sorted(r["url"] for r in rerun.manifest) == sorted(
+        [f"{u}/status/404", f"{u}/gen/1k/missing.bin?fail=404:0", f"{u}/gen/1k/bad.bin"])
+    assert origin.stats.hits_by_path["/gen/64k/ok1.bin"] == 0 and second_origin.stats.hits == 0
+    # The list it read was replaced only at the end, with what failed this time.
+    assert (run.store / "failed.txt").read_text().count("\nhttp") == 3
+
+
+def test_settings_show_effective_values(fetch: Fetch) -> None:
+    out = subprocess.run([SCRAPY, "settings", "--get", "FETCHER_ALGORITHM"], cwd=fetch.cwd, env=fetch.env(),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "sha256"
+    out = subprocess.run([SCRAPY, "settings", "--get", "CONCURRENT_REQUESTS", "-s", "CONCURRENT_REQUESTS=7"],
+                         cwd=fetch.cwd, env=fetch.env(), capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "7"
+
+
+def test_retried_downloads_stay_quiet_until_they_fail(fetch: Fetch, origin: Origin) -> None:
+    url = f"{origin.url}/gen/4k/flaky.bin?fail=503:2"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    assert run.record(url)["attempts"] == 3
+    assert run.record(url)["checksum"] == expected_digest("flaky.bin", 4096)
+    assert "Retrying" not in run.log and "ERROR" not in run.log
