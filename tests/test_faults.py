@@ -44,7 +44,7 @@ def test_waiting_retries_hold_no_concurrency_slot(fetch: Fetch, origin: Origin) 
     flaky = [f"/gen/2k/flaky{i}.bin" for i in range(4)]
     quick = [f"/gen/2k/quick{i}.bin" for i in range(100)]
     listing = "".join(f"{u}{p}?fail=503:2&retry_after=3\n" for p in flaky) + "".join(f"{u}{p}\n" for p in quick)
-    run = fetch(listing, settings={"CONCURRENT_REQUESTS": 4, "FETCHER_RETRY_AFTER_MAX": 10})
+    run = fetch(listing, settings={"CONCURRENT_REQUESTS": 4, "FETCHER_RETRY_AFTER_MAX": 10, "LOG_LEVEL": "DEBUG"})
     assert run.returncode == 0, run.log
     stats = origin.stats.snapshot()
     assert stats.inflight_max <= 4
@@ -60,7 +60,7 @@ def test_waiting_retries_hold_no_concurrency_slot(fetch: Fetch, origin: Origin) 
 
 def test_retry_after_as_http_date(fetch: Fetch, origin: Origin) -> None:
     url = f"{origin.url}/gen/1k/dated.bin?fail=429:1&retry_after_date=2"
-    run = fetch(f"{url}\n")
+    run = fetch(f"{url}\n", settings={"LOG_LEVEL": "DEBUG"})  # retries are logged at DEBUG
     assert run.returncode == 0, run.log
     assert run.record(url)["attempts"] == 2
     waited = float(re.search(r"Retrying .* in ([\d.]+) s", run.log).group(1))
