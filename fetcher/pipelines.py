@@ -254,7 +254,10 @@ class StreamingFilesPipeline(FilesPipeline):
 
     async def _prepare(self, writer: HashingWriter, url: str) -> None:
         try:
-            await asyncio.to_thread(writer.prepare, url, resume=self.resume)
+            if self.resume and writer.part.exists():  # hashing a kept prefix is disk work: off the loop
+                await asyncio.to_thread(writer.prepare, url, resume=True)
+            else:  # nothing to read: not worth a thread hop per file
+                writer.prepare(url, resume=False)
         except OSError as exc:  # an unreadable .part: nothing a retry can fix
             raise _Outcome(f"cannot read {writer.part}: {exc.strerror or exc}", reason="disk error",
                            retryable=False, keep_part=False) from exc
