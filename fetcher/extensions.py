@@ -172,7 +172,7 @@ class Summary:
         )[:3]
         if len(self.host_files) > 1:
             lines.append("  slowest hosts: " + ", ".join(
-                f"{h} ({human_bytes(rate)}/s per file, {self.host_files[h]} files)" for rate, h in slow
+                f"{h} ({human_bytes(rate)}/s per file, {_files(self.host_files[h])})" for rate, h in slow
             ))
         if self.failure_counts:
             lines.append("  failures:")
@@ -180,6 +180,10 @@ class Summary:
                 more = " ..." if n > len(self.failures[why]) else ""
                 lines.append(f"    {n} × {why}: " + ", ".join(self.failures[why]) + more)
         return "\n".join(lines)
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def human_bytes(n: float) -> str:
