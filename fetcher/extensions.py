@@ -81,6 +81,7 @@ class FailedList:
 
     def __init__(self, crawler: Crawler, path: Path) -> None:
         self.path = path
+        self.stats = crawler.stats
         self._tmp = path.with_name(path.name + ".tmp")
         self._file: IO[str] | None = None
         self._count = 0
@@ -107,6 +108,12 @@ class FailedList:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if not self.stats.get_value("fetcher/list_complete"):
+            # Entries never read have no record: the old list is still the better one.
+            self._tmp.unlink(missing_ok=True)
+            if self._count:
+                logger.warning("The run stopped before the end of its list; %s is left as it was", self.path)
+        elif self._file is not None:
             os.replace(self._tmp, self.path)
         else:  # nothing failed: an old list of failures would mislead
             self.path.unlink(missing_ok=True)
@@ -137,7 +144,6 @@ class Summary:
 
     def opened(self) -> None:
         self.started = time.monotonic()
-        self.stats.set_value("fetcher/started", self.started)
 
     def record(self, record: FileRecord) -> None:
         self.counts[record.status] += 1
@@ -213,6 +219,7 @@ class Progress:
         self.interval = interval if mode == "log" else self._BAR_REFRESH
         self.done = 0
         self.failed = 0
+        self.started = time.monotonic()
         self._rate = 0.0
         self._last = (time.monotonic(), 0)
         self._bar: Any = None
@@ -236,6 +243,7 @@ class Progress:
         return cls(crawler, mode, interval)
 
     def opened(self) -> None:
+        self.started = time.monotonic()
         if self.mode == "bar":
             self._bar = tqdm(file=sys.stderr, dynamic_ncols=True, leave=True,
                              bar_format="fetcher {n_fmt}/{total_fmt} files |{bar:20}| {desc}")
@@ -259,7 +267,7 @@ class Progress:
             self._rate = instant if not self._rate else 0.7 * self._rate + 0.3 * instant
         self._last = (now, received)
         total = self.stats.get_value("fetcher/listed", 0) if self.stats.get_value("fetcher/list_complete") else None
-        elapsed = now - self.crawler.stats.get_value("fetcher/started", now)
+        elapsed = now - self.started
         eta = None
         if total and self.done and total > self.done:
             eta = (total - self.done) * elapsed / self.done

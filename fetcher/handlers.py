@@ -28,13 +28,14 @@ from scrapy.exceptions import (
     DownloadFailedError,
     DownloadTimeoutError,
     NotConfigured,
+    NotSupported,
     ResponseDataLossError,
 )
 from scrapy.http import Headers, Response
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.misc import build_from_crawler
 from twisted.internet import error as txerror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -60,12 +61,18 @@ logger = logging.getLogger(__name__)
 SINK_META = "fetcher_sink"
 #: Flag on responses whose body went to the sink.
 STREAMED_FLAG = "fetcher:streamed"
+#: Flag on streamed responses that ended with the connection, with no length to check.
+UNVERIFIED_END_FLAG = "fetcher:unverified-end"
 #: How much of a body that is not streamed (an error page) is kept.
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
 class StallTimeoutError(DownloadTimeoutError):
     """No body bytes arrived for FETCHER_STALL_TIMEOUT seconds."""
+
+
+class ProxyNotSupported(NotSupported):
+    """A streamed request that should go through a proxy: refused rather than sent around it."""
 
 
 class TLSError(Exception):
@@ -112,17 +119,24 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             call.cancel()
 
     async def _stream(self, request: Request, sink: HashingWriter) -> Response:
+        if request.meta.get("proxy"):
+            raise ProxyNotSupported(
+                "streamed downloads do not go through proxies yet (meta 'proxy', e.g. from http_proxy); "
+                "unset the proxy for these hosts (no_proxy) or disable HttpProxyMiddleware"
+            )
         timeout = float(request.meta.get("download_timeout") or self._timeout)
         agent = Agent(self._reactor, contextFactory=self._tls, connectTimeout=timeout, pool=self._pool)
         url = urldefrag(request.url)[0]
-        d: Deferred[TxResponse] = agent.request(
-            request.method.encode(), url.encode("ascii"), TxHeaders(dict(request.headers)), None
-        )
+        # Proxy-* headers are for a proxy; this handler connects directly (see download_request).
+        headers_out = TxHeaders({k: v for k, v in request.headers.items() if not k.lower().startswith(b"proxy-")})
+        d: Deferred[TxResponse] = agent.request(request.method.encode(), url.encode("ascii"), headers_out, None)
         headers_call = self._reactor.callLater(timeout, d.cancel)
         try:
             txresponse = await maybe_deferred_to_future(d)
-        except CancelledError as exc:
-            raise DownloadTimeoutError(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
+        except Exception as exc:
+            if not headers_call.active():  # our cancel fired: Twisted wraps it in various ways
+                raise DownloadTimeoutError(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
+            raise
         finally:
             if headers_call.active():
                 headers_call.cancel()
@@ -131,10 +145,16 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             headers[b"Content-Length"] = str(txresponse.length).encode()
         headers.update(txresponse.headers.getAllRawHeaders())
         status = int(txresponse.code)
-        streaming = request.method != "HEAD" and sink.begin(status, headers, request.url)
-        body = b""
-        if request.method != "HEAD" and txresponse.length != 0 and status not in (204, 304):
-            finished: Deferred[bytes] = Deferred()
+        has_body = request.method != "HEAD" and txresponse.length != 0 and status not in (204, 304)
+        try:
+            streaming = request.method != "HEAD" and sink.begin(status, headers)
+        except BaseException:
+            if has_body:  # nobody will read this body: close the connection instead of leaking it
+                txresponse.deliverBody(_Discard())
+            raise
+        body, flags = b"", [STREAMED_FLAG] if streaming else []
+        if has_body:
+            finished: Deferred[tuple[bytes, bool]] = Deferred()
             reader = _BodyReader(finished, sink if streaming else None, self._reactor, self._stall_timeout,
                                  self.crawler.stats)
             txresponse.deliverBody(reader)
@@ -144,10 +164,12 @@ class StreamingDownloadHandler(BaseDownloadHandler):
                 if self._max_time else None
             )
             try:
-                body = await maybe_deferred_to_future(finished)
+                body, unverified_end = await maybe_deferred_to_future(finished)
             finally:
                 if max_call is not None and max_call.active():
                     max_call.cancel()
+            if unverified_end and streaming:
+                flags.append(UNVERIFIED_END_FLAG)
         if streaming:
             sink.finish()
             # The bytes on disk are the ones sent; no middleware may decode an empty body.
@@ -157,18 +179,29 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             status=status,
             headers=headers,
             body=body,
-            flags=[STREAMED_FLAG] if streaming else None,
+            flags=flags,
             request=request,
             protocol="HTTP/{}.{}".format(*txresponse.version[1:]),
         )
 
 
+class _Discard(Protocol):
+    """Closes a response body nobody wants, so its connection is not left open."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
 class _BodyReader(Protocol):
-    """Feeds body chunks to the sink (or keeps a bounded error body) and watches for stalls."""
+    """Feeds body chunks to the sink (or keeps a bounded error body) and watches for stalls.
+
+    Fires *finished* with the kept error body (empty when streamed) and whether
+    the end was only a closed connection (no length to check it against)."""
 
     def __init__(
         self,
-        finished: Deferred[bytes],
+        finished: Deferred[tuple[bytes, bool]],
         sink: HashingWriter | None,
         reactor: Any,
         stall_timeout: float,
@@ -190,10 +223,11 @@ class _BodyReader(Protocol):
         self._received += len(data)
         if self._stall_call is not None:
             self._stall_call.reset(self._stall_timeout)
-        if self._sink is None:
-            room = _ERROR_BODY_LIMIT - len(self._buffer)
-            if room > 0:
-                self._buffer += data[:room]
+        if self._sink is None:  # an error page: keep its start, stop reading the rest
+            self._buffer += data[: _ERROR_BODY_LIMIT - len(self._buffer)]
+            if len(self._buffer) >= _ERROR_BODY_LIMIT:
+                self._end(bytes(self._buffer), unverified=False)
+                self._stop()
             return
         try:
             self._sink.write(data)
@@ -203,26 +237,31 @@ class _BodyReader(Protocol):
         self._stats.inc_value("fetcher/bytes_received", len(data))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        if self._finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss) or (
-            self._sink is None and self._received >= _ERROR_BODY_LIMIT
-        ):
-            self._finished.callback(bytes(self._buffer))
-            return
-        self._finished.errback(
-            ResponseDataLossError(f"connection lost after {self._received} body bytes: {_reason(reason)}")
-        )
+        if reason.check(ResponseDone):
+            self._end(bytes(self._buffer), unverified=False)
+        elif reason.check(PotentialDataLoss):  # no length: a reset looks the same as the end
+            self._end(bytes(self._buffer), unverified=True)
+        else:
+            self.fail(ResponseDataLossError(
+                f"connection lost after {self._received} body bytes: {_reason(reason)}"))
 
     def fail(self, exc: Exception) -> None:
         """End the transfer now with *exc* (stall, size cap, disk error)."""
+        if self._cancel_stall_timer():
+            self._finished.errback(exc)
+            self._stop()
+
+    def _end(self, body: bytes, *, unverified: bool) -> None:
+        if self._cancel_stall_timer():
+            self._finished.callback((body, unverified))
+
+    def _cancel_stall_timer(self) -> bool:
+        """Stop watching for stalls; False when the transfer had ended already."""
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
-        if self._finished.called:
-            return
-        self._finished.errback(exc)
+        return not self._finished.called
+
+    def _stop(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -245,6 +284,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _is_verification_failure(exc: BaseException) -> bool:
+    """A certificate that does not verify, as opposed to a handshake cut short (worth a retry)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "VerificationError" or (
+        isinstance(exc, SSL.Error) and "certificate" in text and "verify" in text
+    )
+
+
 def _readable(exc: Exception, request: Request) -> Exception:
     """Scrapy's public download exceptions, with a message fit for the manifest."""
     host = request.url.split("/")[2] if "//" in request.url else request.url
@@ -255,11 +302,11 @@ def _readable(exc: Exception, request: Request) -> Exception:
     if isinstance(exc, txerror.TimeoutError):
         return DownloadTimeoutError(f"connecting to {host} timed out")
     reasons = getattr(exc, "reasons", None) or []  # ResponseFailed, ResponseNeverReceived
-    if any(isinstance(r.value, SSL.Error) for r in reasons):
-        hint = " (DOWNLOAD_VERIFY_CERTIFICATES=False skips the check)" if "certificate" in _describe(exc) else ""
-        return TLSError(f"TLS with {host} failed: {_describe(exc)}{hint}")
+    described = _describe(exc)
+    if any(_is_verification_failure(r.value) for r in reasons):
+        return TLSError(f"TLS with {host} failed: {described} (DOWNLOAD_VERIFY_CERTIFICATES=False skips the check)")
     if reasons:
-        return DownloadFailedError(f"connection to {host} failed: {_describe(exc)}")
+        return DownloadFailedError(f"connection to {host} failed: {described}")
     if isinstance(exc, txerror.ConnectError):
         return DownloadFailedError(f"cannot connect to {host}: {exc}")
     return exc

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from fetcher import settings as defaults
 from fetcher import signals
 from fetcher.backoff import Backoff, retry_after_seconds
-from fetcher.handlers import SINK_META, STREAMED_FLAG, StallTimeoutError, TLSError
+from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
 from fetcher.items import FileRecord
 from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import resolve_in_store, url_to_path
@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ENTRY_META = "fetcher_entry"
+_END_CHECKS = 3  # Range requests that may confirm the end of a body that had no length
+_STOP_POLL = 0.5  # seconds: how soon a backoff notices that the run is being stopped
 _RESERVED_FDS = 64  # descriptors Scrapy, the reactor, logs and the manifest need besides transfers
 
 
@@ -70,8 +72,9 @@ class _Outcome(Exception):
     """One attempt's end, as something to retry or give up on."""
 
     def __init__(self, message: str, *, reason: str, retryable: bool, http_status: int | None = None,
-                 retry_after: float | None = None, keep_part: bool = True) -> None:
+                 retry_after: float | None = None, keep_part: bool = True, free: bool = False) -> None:
         super().__init__(message)
+        self.free = free  # a check, not a failure: asked again at once, not counted as a retry
         self.reason = reason
         self.retryable = retryable
         self.http_status = http_status
@@ -119,6 +122,7 @@ class StreamingFilesPipeline(FilesPipeline):
         # Global cap on transfers; a download waiting out a backoff holds none.
         self._slots = asyncio.Semaphore(_fitting_concurrency(s.getint("CONCURRENT_REQUESTS")))
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
+        self._claims: dict[str, str] = {}  # out= path -> the URL that named it, for this run
 
     # -- stock FilesPipeline hooks
 
@@ -163,13 +167,16 @@ class StreamingFilesPipeline(FilesPipeline):
         """Fetch a file unless the same path is being fetched already."""
         entry: Entry = request.meta[ENTRY_META]
         path = self.file_path(request, info=self.spiderinfo, item=item)
-        if path in self._inflight:
-            url, future = self._inflight[path]
-            if url == entry.url:  # the same file asked twice: one download
-                return await asyncio.shield(future)
-            record = FileRecord(entry, "failed", error=f"{url} is being saved to the same path {path}",
+        claimed = self._claims.get(path)
+        if path in self._inflight and self._inflight[path][0] == entry.url:
+            return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
+        if claimed is not None and claimed != entry.url or path in self._inflight:
+            other = claimed or self._inflight[path][0]
+            record = FileRecord(entry, "failed", error=f"{other} is saved to the same path {path}",
                                 reason="path conflict")
         else:
+            if entry.out:  # a name from the list: no other URL may take it in this run
+                self._claims[path] = entry.url
             future = asyncio.get_running_loop().create_future()
             self._inflight[path] = (entry.url, future)
             try:
@@ -193,52 +200,63 @@ class StreamingFilesPipeline(FilesPipeline):
         if entry.checksum and entry.checksum.algorithm != self.algorithm:
             algorithms += (entry.checksum.algorithm,)
         record = FileRecord(entry, "failed", path=path, algorithm=self.algorithm)
-        conditional: dict[str, str] = {}
-        if final.is_file():
-            if self.revalidate and (validators := load_validators(final, entry.url)):
-                conditional = validators.conditional()
-            elif await self._uptodate(final, algorithms, record):
-                return record
-        writer = HashingWriter(final, algorithms, max_size=self.max_size, fsync=self.fsync)
+        writer = HashingWriter(final, entry.url, algorithms, resume=self.resume, max_size=self.max_size,
+                               fsync=self.fsync)
         stats = self.crawler.stats
-        while True:
-            record.attempts += 1
-            try:
-                await self._prepare(writer, entry.url)
-                response = await self._download(request, writer, conditional)
-                if response.status == 304 and conditional:
-                    await self._not_modified(final, algorithms, record)
-                else:
+        conditional: dict[str, str] = {}
+        free_checks = _END_CHECKS
+        try:
+            if final.is_file():
+                if await self._uptodate(final, algorithms, record):
+                    if not (self.revalidate and (validators := load_validators(final, entry.url))):
+                        return record
+                    conditional = validators.conditional()
+            while True:
+                record.attempts += 1
+                try:
+                    await self._prepare(writer)
+                    response = await self._download(request, writer, conditional)
+                    if response.status == 304 and conditional:
+                        record.http_status = 304
+                        return record  # _uptodate filled it in
                     self._complete(response, writer, record)
-            except _Outcome as outcome:
-                writer.close()
-                record.received = writer.transferred
-                record.http_status = outcome.http_status
-                if outcome.retryable and record.attempts <= self.retry_times:
+                    return record
+                except _Outcome as outcome:
+                    writer.close()
+                    record.received = writer.transferred
+                    record.http_status = outcome.http_status
+                    if not outcome.keep_part:
+                        writer.discard()
+                    if outcome.free and free_checks:  # not a failure: ask again at once
+                        free_checks -= 1
+                        continue
+                    if not (outcome.retryable and record.attempts <= self.retry_times):
+                        record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
+                        return record
                     delay = self.backoff.delay(record.attempts, outcome.retry_after)
                     logger.debug("Retrying %s in %.1f s (attempt %d of %d): %s",
-                                entry.url, delay, record.attempts + 1, self.retry_times + 1, outcome)
+                                 entry.url, delay, record.attempts + 1, self.retry_times + 1, outcome)
                     stats.inc_value("retry/count")
                     stats.inc_value("fetcher/retry_waiting")
                     try:
-                        await asyncio.sleep(delay)
+                        await self._wait(delay)
                     finally:
                         stats.inc_value("fetcher/retry_waiting", -1)
-                    continue
-                if not outcome.keep_part:
-                    writer.discard()
-                record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
-                record.elapsed = time.monotonic() - started
-                return record
-            record.elapsed = time.monotonic() - started
+        except _Outcome as outcome:  # before any request: the file on disk cannot be read
+            record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
             return record
+        finally:
+            writer.close()
+            record.elapsed = time.monotonic() - started
 
     async def _uptodate(self, final: Path, algorithms: tuple[str, ...], record: FileRecord) -> bool:
         """A file already at its final name is complete (only complete files get
-        there); it is skipped unless it fails the list's checksum."""
-        if not final.is_file():
-            return False
-        size, digests = await asyncio.to_thread(hash_file, final, algorithms)
+        there); it counts as up to date unless it fails the list's checksum."""
+        try:
+            size, digests = await asyncio.to_thread(hash_file, final, algorithms)
+        except OSError as exc:
+            raise _Outcome(f"cannot read {final}: {exc.strerror or exc}", reason="disk error",
+                           retryable=False) from exc
         expected = record.entry.checksum
         if expected and digests[expected.algorithm] != expected.hexdigest:
             logger.warning("%s is on disk but does not match %s; downloading it again", final, expected)
@@ -246,21 +264,21 @@ class StreamingFilesPipeline(FilesPipeline):
         record.status, record.size, record.checksum = "uptodate", size, digests[self.algorithm]
         return True
 
-    async def _not_modified(self, final: Path, algorithms: tuple[str, ...], record: FileRecord) -> None:
-        record.http_status = 304
-        if not await self._uptodate(final, algorithms, record):
-            raise _Outcome("the server says not modified, but the file does not match the list's checksum",
-                           reason="checksum mismatch", retryable=False, http_status=304)
-
-    async def _prepare(self, writer: HashingWriter, url: str) -> None:
+    async def _prepare(self, writer: HashingWriter) -> None:
         try:
             if self.resume and writer.part.exists():  # hashing a kept prefix is disk work: off the loop
-                await asyncio.to_thread(writer.prepare, url, resume=True)
+                await asyncio.to_thread(writer.prepare)
             else:  # nothing to read: not worth a thread hop per file
-                writer.prepare(url, resume=False)
+                writer.prepare()
         except OSError as exc:  # an unreadable .part: nothing a retry can fix
             raise _Outcome(f"cannot read {writer.part}: {exc.strerror or exc}", reason="disk error",
                            retryable=False, keep_part=False) from exc
+
+    async def _wait(self, delay: float) -> None:
+        """Sleep out a backoff, but wake up when the run is being stopped (Ctrl-C)."""
+        deadline = time.monotonic() + delay
+        while self.crawler.engine.running and (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, _STOP_POLL))
 
     async def _download(self, request: Request, writer: HashingWriter, conditional: dict[str, str]) -> Response:
         headers = dict(request.headers.to_unicode_dict())
@@ -273,17 +291,19 @@ class StreamingFilesPipeline(FilesPipeline):
         )
         stats = self.crawler.stats
         async with self._slots:
+            if not self.crawler.engine.running:  # stopped (Ctrl-C): start nothing new; a rerun resumes
+                raise _Outcome("the run was stopped before this file was fetched", reason="stopped",
+                               retryable=False)
             stats.inc_value("fetcher/active")
             try:
                 return await self.crawler.engine.download_async(attempt)
             except BodyError as exc:
+                # A resume that went wrong starts over from byte 0; other kept bytes stay.
                 raise _Outcome(str(exc), reason=_reason(exc), retryable=exc.retryable,
-                               keep_part=exc.retryable) from exc
-            except IgnoreRequest as exc:  # e.g. too many redirects
-                raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
+                               keep_part=exc.retryable and not isinstance(exc, ResumeMismatch)) from exc
             except self.retry_exceptions as exc:
                 raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=True) from exc
-            except Exception as exc:
+            except Exception as exc:  # IgnoreRequest (redirect loops), TLS, unsupported: final
                 raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
             finally:
                 stats.inc_value("fetcher/active", -1)
@@ -292,18 +312,28 @@ class StreamingFilesPipeline(FilesPipeline):
         """Judge a response: commit the file, or raise the _Outcome to act on."""
         status = response.status
         record.http_status = status
-        if STREAMED_FLAG not in response.flags:
+        if writer.is_complete_part(status, response.headers):
+            writer.size = writer.offset  # nothing was missing: the kept part is the whole file
+        elif status == 416 and writer.offset:
+            raise _Outcome("the server refused to resume (HTTP 416)", reason="bad resume", retryable=True,
+                           http_status=status, keep_part=False)
+        elif STREAMED_FLAG not in response.flags:
             retry_after = None
             if status in (429, 503):
                 retry_after = retry_after_seconds(response.headers.get("Retry-After", b"").decode("latin-1"),
                                                   time.time())
             raise _Outcome(f"HTTP {status}", reason=f"HTTP {status}", retryable=status in self.retry_codes,
                            http_status=status, retry_after=retry_after)
+        elif UNVERIFIED_END_FLAG in response.flags and writer.resumable():
+            # No length and the connection closed: a reset looks the same as the end.
+            # Ask for the bytes after it; a 416 says there are none.
+            writer.close()
+            raise _Outcome("the body ended with the connection and no length", reason="unverified end",
+                           retryable=True, http_status=status, free=True)
         record.received = writer.transferred
         digests = writer.hexdigests()
         expected = record.entry.checksum
         if expected and digests[expected.algorithm] != expected.hexdigest:
-            writer.discard()
             raise _Outcome(
                 f"checksum mismatch: expected {expected.algorithm} {expected.hexdigest}, "
                 f"got {digests[expected.algorithm]}",
@@ -312,7 +342,6 @@ class StreamingFilesPipeline(FilesPipeline):
         try:
             writer.commit()
         except BodyError as exc:
-            writer.discard()
             raise _Outcome(str(exc), reason=_reason(exc), retryable=False, http_status=status,
                            keep_part=False) from exc
         record.status, record.size, record.checksum = "downloaded", writer.size, digests[self.algorithm]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 PART_SUFFIX = ".part"
 XATTR = "user.fetcher.validators"  # ETag/Last-Modified of a finished file, for revalidation
@@ -72,6 +72,13 @@ class Validators:
     etag: str | None = None
     last_modified: str | None = None
 
+    def changed(self, other: Validators) -> bool:
+        """Whether *other* names another version (a validator both sides have differs)."""
+        return bool(
+            (self.etag and other.etag and self.etag != other.etag)
+            or (self.last_modified and other.last_modified and self.last_modified != other.last_modified)
+        )
+
     def conditional(self) -> dict[str, str]:
         """Headers asking for the body only if it changed (revalidation)."""
         headers = {}
@@ -91,22 +98,28 @@ class Validators:
 class HashingWriter:
     """Streams one body to ``<final>.part`` while hashing it.
 
-    ``algorithms`` are hashlib names; the first is the one reported in the
-    manifest, any other one is there to check an expected checksum from the list.
+    ``url`` is the URL of the list (not a redirect target), so a later attempt
+    or run recognises its own .part. ``algorithms`` are hashlib names: the first
+    is the one reported in the manifest, any other one checks an expected
+    checksum from the list.
     """
 
     def __init__(
         self,
         final: Path,
+        url: str,
         algorithms: tuple[str, ...],
         *,
+        resume: bool = True,
         max_size: int = 0,
         fsync: bool = False,
     ) -> None:
         self.final = final
+        self.url = url
         self.part = final.with_name(final.name + PART_SUFFIX)
         self.meta = final.with_name(final.name + META_SUFFIX)
         self.algorithms = algorithms
+        self.resume = resume
         self.max_size = max_size
         self.fsync = fsync
         self.offset = 0  # bytes already in .part that the next request resumes from
@@ -116,13 +129,12 @@ class HashingWriter:
         self._hashes = [hashlib.new(a) for a in algorithms]
         self._hashed = 0  # how many bytes of .part the hashes cover
         self._file: BinaryIO | None = None
-        self.started = False  # whether the current response's body goes to .part
         self.resumed_from = 0  # offset the current body was appended at
         self.transferred = 0  # body bytes received over all attempts
 
-    # -- before a request (blocking disk work: the pipeline runs it in a thread)
+    # -- before a request (blocking disk work when there is a prefix to hash)
 
-    def prepare(self, url: str, *, resume: bool) -> None:
+    def prepare(self) -> None:
         """Find out how much of a previous attempt can be kept.
 
         The kept prefix is hashed here, once, so the final digest is that of the
@@ -131,30 +143,25 @@ class HashingWriter:
         """
         self.close()
         self.offset = 0
-        validators = self._read_meta() if resume else None
+        validators = self._read_meta() if self.resume else None
         try:
             size = self.part.stat().st_size
         except FileNotFoundError:
             size = 0
-        if validators is None or validators.url != url or not validators.if_range() or not size:
+        if validators is None or validators.url != self.url or not validators.if_range() or not size:
             self._reset_hashes()
             self.validators = None
             return
         self.validators = validators
-        if size == self._hashed:  # an earlier attempt of this run hashed it already
-            self.offset = size
-            return
-        self._reset_hashes()
-        with self.part.open("rb") as f:
-            remaining = size
-            while remaining:
-                chunk = f.read(min(_READ_CHUNK, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                for h in self._hashes:
-                    h.update(chunk)
-        self.offset = self._hashed = size - remaining
+        if size != self._hashed:  # not hashed by an earlier attempt of this run
+            self._reset_hashes()
+            with self.part.open("rb") as f:
+                self._hashed = _hash_into(f, self._hashes, size)
+        self.offset = self._hashed
+
+    def resumable(self) -> bool:
+        """Whether the body written so far could be continued by a later request."""
+        return self.resume and self.validators is not None and bool(self.validators.if_range())
 
     def range_headers(self) -> dict[str, str]:
         """Headers that ask for the rest of the body, if there is a prefix to keep."""
@@ -164,15 +171,18 @@ class HashingWriter:
 
     # -- called by the download handler, on the reactor thread
 
-    def begin(self, status: int, headers: HeadersLike, url: str) -> bool:
+    def begin(self, status: int, headers: HeadersLike) -> bool:
         """Decide whether the body of this response goes to disk; raise if it must not be kept."""
         if status not in (200, 206):
             return False
         total = _header_int(headers, "Content-Length")
+        validators = Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"))
         if status == 206:
             start, total = _content_range(headers)
             if start != self.offset:
                 raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
+            if self.validators is None or self.validators.changed(validators):
+                raise ResumeMismatch("the file changed on the server since the first part was fetched")
             self.resumed_from = start
         else:  # a full body: whatever was kept is replaced
             self.resumed_from = 0
@@ -180,22 +190,18 @@ class HashingWriter:
         self.expected_size = total
         if self.max_size and total is not None and total > self.max_size:
             raise FileTooLarge(f"file is {total} bytes, over FETCHER_MAX_SIZE ({self.max_size})")
-        self.validators = Validators(
-            url,
-            _header_str(headers, "ETag"),
-            _header_str(headers, "Last-Modified"),
-        )
+        self.validators = validators
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.part.open("r+b" if self.resumed_from else "wb")
             if self.resumed_from:
                 self._file.seek(self.resumed_from)
                 self._file.truncate()
-            self._write_meta(self.validators)
+            if self.resume:
+                self._write_meta(validators)
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
-        self.size = self.resumed_from
-        self.started = True
+        self.size = self._hashed = self.resumed_from
         return True
 
     def write(self, data: bytes) -> None:
@@ -219,6 +225,13 @@ class HashingWriter:
                 f"got {self.size} bytes, the server announced {self.expected_size}"
             )
 
+    def is_complete_part(self, status: int, headers: HeadersLike) -> bool:
+        """A 416 to our Range that names our .part's length as the full length:
+        the .part already holds the whole file (a run killed before the rename,
+        or a body whose end could not be told from a dropped connection)."""
+        value = _header_str(headers, "Content-Range") or ""
+        return status == 416 and bool(self.offset) and value.strip() == f"bytes */{self.offset}"
+
     # -- after the request, owned by the pipeline
 
     def hexdigests(self) -> dict[str, str]:
@@ -229,17 +242,16 @@ class HashingWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self.started = False
 
     def commit(self) -> None:
         """Move the complete body to its final name (atomic on one filesystem)."""
-        assert self._file is not None
         try:
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            if self._file is not None:
+                self._file.flush()
+                if self.fsync:
+                    os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
             os.replace(self.part, self.final)
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
@@ -249,13 +261,11 @@ class HashingWriter:
 
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.part.unlink(missing_ok=True)
-        self.meta.unlink(missing_ok=True)
+        self.close()
+        with contextlib.suppress(OSError):  # e.g. a parent that is a file: nothing was written
+            self.part.unlink(missing_ok=True)
+            self.meta.unlink(missing_ok=True)
         self.offset = 0
-        self.started = False
         self._reset_hashes()
 
     def _reset_hashes(self) -> None:
@@ -297,13 +307,22 @@ def load_validators(path: Path, url: str) -> Validators | None:
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
     """Size and digests of a finished file (for files found complete on disk)."""
     hashes = [hashlib.new(a) for a in algorithms]
-    size = 0
     with path.open("rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            size += len(chunk)
-            for h in hashes:
-                h.update(chunk)
+        size = _hash_into(f, hashes)
     return size, {a: h.hexdigest() for a, h in zip(algorithms, hashes, strict=True)}
+
+
+def _hash_into(f: BinaryIO, hashes: list[Any], limit: int | None = None) -> int:
+    """Feed *f* (up to *limit* bytes) to every hash; return how many bytes were read."""
+    done = 0
+    while limit is None or done < limit:
+        chunk = f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - done))
+        if not chunk:
+            break
+        done += len(chunk)
+        for h in hashes:
+            h.update(chunk)
+    return done
 
 
 def _header_str(headers: HeadersLike, name: str) -> str | None:

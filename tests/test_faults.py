@@ -367,3 +367,71 @@ def test_dns_failure_is_retried_then_reported(fetch: Fetch, monkeypatch: pytest.
     assert record["attempts"] == 2 and record["error"] == "DNS lookup failed for no-such-host.test"
     assert dns.queries.count("no-such-host.test") >= 2  # asked again on the retry
     assert_no_traceback(run)
+
+
+def test_ctrl_c_stops_promptly_and_a_rerun_finishes(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    listing = f"{u}/gen/4m/sigint-slow.bin?rate=2000000\n" + "".join(
+        f"{u}/gen/1k/sigint{i}.bin?fail=503:1&retry_after=60\n" for i in range(20))
+    (fetch.cwd / "urls.txt").write_text(listing)
+    proc = subprocess.Popen(fetch.command("-a", "list=urls.txt", settings={"FETCHER_RETRY_AFTER_MAX": 60}),
+                            cwd=fetch.cwd, env=fetch.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while origin.stats.hits < 21 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    waited = time.monotonic() - started
+    assert proc.returncode == 1
+    assert waited < 20, f"Ctrl-C took {waited:.1f} s; the retries wait 60 s"  # not held by the backoffs
+    run = Run(proc.returncode, "", err, fetch.cwd)
+    assert "Traceback" not in err
+    assert len(run.manifest) == 21  # every URL has its record, stopped ones included
+    assert (fetch.cwd / "downloads/failed.txt").exists()
+    rerun = fetch(None, "-a", "list=urls.txt")
+    assert rerun.returncode == 0, rerun.log
+    assert {r["status"] for r in rerun.manifest} <= {"downloaded", "uptodate"}
+
+
+def test_body_without_length_cut_by_a_reset_is_not_taken_as_complete(fetch: Fetch, origin: Origin) -> None:
+    size = 1 * MiB
+    url = f"{origin.url}/gen/{size}/nolen.bin?no_length=1&drop_at=300000"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    record = run.record(url)
+    assert record["checksum"] == expected_digest("nolen.bin", size)
+    statuses = [r["status"] for r in requests_for(origin, f"/gen/{size}/nolen.bin")]
+    assert statuses[-1] == 416  # the end was confirmed: nothing after the last byte
+
+
+def test_resume_works_after_a_redirect(fetch: Fetch, origin: Origin) -> None:
+    size = 4 * MiB
+    url = f"{origin.url}/redirect/0/gen/{size}/moved.bin?drop_at=1000000"
+    run = fetch(f"{url}\n")
+    assert run.returncode == 0, run.log
+    second = requests_for(origin, f"/gen/{size}/moved.bin")[-1]
+    assert second["status"] == 206 and second["headers"]["range"] == "bytes=1000000-"
+    assert run.record(url)["checksum"] == expected_digest("moved.bin", size)
+
+
+def test_two_urls_naming_one_file_do_not_share_it(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    first, second = f"{u}/gen/1k/one.bin", f"{u}/gen/1k/two.bin"
+    run = fetch(f"{first}  out=same.bin\n{second}  out=same.bin\n", settings={"CONCURRENT_REQUESTS": 1})
+    assert run.returncode == 1
+    assert run.record(first)["status"] == "downloaded"
+    assert run.record(second)["status"] == "failed" and run.record(second)["error"].startswith(first)
+    assert (run.store / "same.bin").read_bytes() == content_bytes("one.bin", 1024)
+
+
+def test_undecodable_bytes_on_standard_input(fetch: Fetch, origin: Origin) -> None:
+    proc = subprocess.run(
+        fetch.command("-a", "list=-"), cwd=fetch.cwd, env={**fetch.env(), "LC_ALL": "C"},
+        input=f"http://h\xff/x\n{origin.url}/gen/1k/after.bin\n".encode("latin-1"), capture_output=True, timeout=60,
+    )
+    run = Run(proc.returncode, "", proc.stderr.decode(), fetch.cwd)
+    assert_no_traceback(run)
+    assert run.record(f"{origin.url}/gen/1k/after.bin")["status"] == "downloaded"  # the rest of the list
+    assert proc.returncode == 1 and len(run.manifest) == 2

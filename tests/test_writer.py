@@ -24,9 +24,9 @@ def fill(writer: HashingWriter, data: bytes, chunk: int = 65536) -> None:
 
 def test_complete_body_is_hashed_and_renamed(tmp_path: Path) -> None:
     final = tmp_path / "host" / "a.bin"
-    w = HashingWriter(final, ("sha256", "md5"))
-    w.prepare("http://h/a.bin", resume=True)
-    assert w.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v1"'), "http://h/a.bin")
+    w = HashingWriter(final, "http://h/a.bin", ("sha256", "md5"))
+    w.prepare()
+    assert w.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v1"'))
     fill(w, BODY[:500_000])
     assert not final.exists() and w.part.exists()  # never partial at the final name
     fill(w, BODY[500_000:])
@@ -41,20 +41,19 @@ def test_complete_body_is_hashed_and_renamed(tmp_path: Path) -> None:
 def test_resume_continues_the_part_and_digests_the_whole_file(tmp_path: Path) -> None:
     final = tmp_path / "a.bin"
     url = "http://h/a.bin"
-    first = HashingWriter(final, ("sha256",))
-    first.prepare(url, resume=True)
-    first.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v1"'), url)
+    first = HashingWriter(final, url, ("sha256",))
+    first.prepare()
+    first.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v1"'))
     fill(first, BODY[:300_000])
     first.close()  # the connection dropped
 
-    second = HashingWriter(final, ("sha256",))  # a new process: state comes from disk
-    second.prepare(url, resume=True)
+    second = HashingWriter(final, url, ("sha256",))  # a new process: state comes from disk
+    second.prepare()
     assert second.range_headers() == {"Range": "bytes=300000-", "If-Range": '"v1"'}
     rest = len(BODY) - 300_000
     assert second.begin(
         206,
         headers(Content_Length=str(rest), Content_Range=f"bytes 300000-{len(BODY) - 1}/{len(BODY)}", ETag='"v1"'),
-        url,
     )
     fill(second, BODY[300_000:])
     second.finish()
@@ -66,14 +65,14 @@ def test_resume_continues_the_part_and_digests_the_whole_file(tmp_path: Path) ->
 def test_full_answer_to_a_range_request_starts_over(tmp_path: Path) -> None:
     final = tmp_path / "a.bin"
     url = "http://h/a.bin"
-    w = HashingWriter(final, ("sha256",))
-    w.prepare(url, resume=True)
-    w.begin(200, headers(ETag='"v1"'), url)
+    w = HashingWriter(final, url, ("sha256",))
+    w.prepare()
+    w.begin(200, headers(ETag='"v1"'))
     fill(w, b"x" * 1000)
     w.close()
-    w.prepare(url, resume=True)
+    w.prepare()
     assert w.range_headers()["Range"] == "bytes=1000-"
-    w.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v2"'), url)  # If-Range did not match
+    w.begin(200, headers(Content_Length=str(len(BODY)), ETag='"v2"'))  # If-Range did not match
     fill(w, BODY)
     w.finish()
     w.commit()
@@ -81,47 +80,78 @@ def test_full_answer_to_a_range_request_starts_over(tmp_path: Path) -> None:
     assert w.hexdigests()["sha256"] == hashlib.sha256(BODY).hexdigest()
 
 
-def test_part_without_validators_or_of_another_url_is_not_resumed(tmp_path: Path) -> None:
-    final = tmp_path / "a.bin"
-    w = HashingWriter(final, ("sha256",))
-    w.prepare("http://h/a.bin", resume=True)
-    w.begin(200, headers(), "http://h/a.bin")  # no ETag, no Last-Modified
+def test_a_206_of_another_version_is_refused(tmp_path: Path) -> None:
+    """A server that ignores If-Range must not get its new bytes spliced onto old ones."""
+    w = HashingWriter(tmp_path / "a", "u", ("sha256",))
+    w.prepare()
+    w.begin(200, headers(ETag='"v1"', Content_Length="20"))
     fill(w, b"x" * 10)
     w.close()
-    w.prepare("http://h/a.bin", resume=True)
+    w.prepare()
+    with pytest.raises(ResumeMismatch):
+        w.begin(206, headers(Content_Range="bytes 10-19/20", ETag='"v2"'))
+
+
+def test_part_without_validators_or_of_another_url_is_not_resumed(tmp_path: Path) -> None:
+    final = tmp_path / "a.bin"
+    w = HashingWriter(final, "http://h/a.bin", ("sha256",))
+    w.prepare()
+    w.begin(200, headers())  # no ETag, no Last-Modified
+    fill(w, b"x" * 10)
+    w.close()
+    w.prepare()
     assert w.range_headers() == {}
-    w.begin(200, headers(ETag='"e"'), "http://h/a.bin")
+    w.begin(200, headers(ETag='"e"'))
     fill(w, b"y" * 10)
     w.close()
-    w.prepare("http://h/other.bin", resume=True)
-    assert w.range_headers() == {}
+    other = HashingWriter(final, "http://h/other.bin", ("sha256",))
+    other.prepare()
+    assert other.range_headers() == {}
+    no_resume = HashingWriter(final, "http://h/a.bin", ("sha256",), resume=False)
+    no_resume.prepare()
+    assert no_resume.range_headers() == {}
 
 
 def test_wrong_resume_offset_is_refused(tmp_path: Path) -> None:
-    w = HashingWriter(tmp_path / "a", ("sha256",))
-    w.prepare("u", resume=False)
+    w = HashingWriter(tmp_path / "a", "u", ("sha256",))
+    w.prepare()
     with pytest.raises(ResumeMismatch):
-        w.begin(206, headers(Content_Range="bytes 10-19/20"), "u")
+        w.begin(206, headers(Content_Range="bytes 10-19/20"))
+
+
+def test_a_complete_part_is_recognised_by_416(tmp_path: Path) -> None:
+    final = tmp_path / "a"
+    w = HashingWriter(final, "u", ("sha256",))
+    w.prepare()
+    w.begin(200, headers(ETag='"e"'))
+    fill(w, b"z" * 100)
+    w.close()
+    w.prepare()
+    assert w.is_complete_part(416, headers(Content_Range="bytes */100"))
+    assert not w.is_complete_part(416, headers(Content_Range="bytes */150"))
+    w.commit()
+    assert final.read_bytes() == b"z" * 100
+    assert w.hexdigests()["sha256"] == hashlib.sha256(b"z" * 100).hexdigest()
 
 
 def test_short_body_and_size_cap(tmp_path: Path) -> None:
-    w = HashingWriter(tmp_path / "a", ("sha256",))
-    w.prepare("u", resume=False)
-    w.begin(200, headers(Content_Length="100"), "u")
+    w = HashingWriter(tmp_path / "a", "u", ("sha256",))
+    w.prepare()
+    w.begin(200, headers(Content_Length="100"))
     w.write(b"x" * 60)
     with pytest.raises(LengthMismatch):
         w.finish()
-    capped = HashingWriter(tmp_path / "b", ("sha256",), max_size=50)
-    capped.prepare("u", resume=False)
+    capped = HashingWriter(tmp_path / "b", "u", ("sha256",), max_size=50)
+    capped.prepare()
     with pytest.raises(FileTooLarge):
-        capped.begin(200, headers(Content_Length="100"), "u")
-    capped.begin(200, headers(), "u")  # length unknown: caught while writing
+        capped.begin(200, headers(Content_Length="100"))
+    capped.begin(200, headers())  # length unknown: caught while writing
     with pytest.raises(FileTooLarge):
         capped.write(b"x" * 51)
 
 
 def test_error_status_writes_nothing(tmp_path: Path) -> None:
-    w = HashingWriter(tmp_path / "a", ("sha256",))
-    w.prepare("u", resume=True)
-    assert not w.begin(404, headers(), "u")
+    w = HashingWriter(tmp_path / "a", "u", ("sha256",))
+    w.prepare()
+    assert not w.begin(404, headers())
     assert not w.part.exists()

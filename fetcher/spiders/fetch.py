@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import queue
 import sys
@@ -28,6 +29,7 @@ from scrapy.exceptions import CloseSpider
 
 from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
+from fetcher._scrapy_private import recheck_scraper_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord
 from fetcher.urllist import BadLine, Entry, parse_inline, parse_lines
@@ -82,6 +84,7 @@ class FetchSpider(Spider):
         return spider
 
     async def start(self) -> AsyncIterator[Any]:
+        self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
         count = 0
         stats = self.crawler.stats
         try:
@@ -109,15 +112,18 @@ class FetchSpider(Spider):
         stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
         if not count:
             logger.warning("The list has no URLs to download")
-        self._closer = asyncio.get_running_loop().create_task(self._close_when_idle())
 
-    async def _close_when_idle(self) -> None:
+    async def _close_when_done(self) -> None:
         """Close as soon as the last file is done, not on the engine's next
         5-second heartbeat (the engine only checks for idleness after downloads,
-        and the pipeline's work comes after its last download)."""
+        and the pipeline's work comes after its last download); and let a
+        graceful stop end once the files in progress are (see _scrapy_private)."""
         engine = self.crawler.engine
-        while engine.spider is self and engine.running:
-            if engine.spider_is_idle():
+        stats = self.crawler.stats
+        while engine.spider is self:
+            if not engine.running:
+                recheck_scraper_closing(self.crawler)
+            elif stats.get_value("fetcher/list_complete") and engine.spider_is_idle():
                 await engine.close_spider_async(reason="finished")
                 return
             await asyncio.sleep(_IDLE_POLL)
@@ -151,12 +157,12 @@ class FetchSpider(Spider):
             return
         # stdin may be a pipe that another program is still writing: a thread
         # reads it so that waiting for the next line never blocks the downloads.
-        async for e in _in_thread(lambda: parse_lines(sys.stdin) if source == "-" else _parse_file(Path(source))):
+        async for e in _in_thread(lambda: _parse_stdin() if source == "-" else _parse_file(Path(source))):
             yield e
 
     async def _download_list(self, url: str, dest: Path) -> Path:
         """Stream the list to a temporary file, so that even a huge one is read lazily."""
-        writer = HashingWriter(dest, ("md5",))
+        writer = HashingWriter(dest, url, ("md5",), resume=False)
         request = Request(url, meta={SINK_META: writer}, headers={"Accept-Encoding": "identity"})
         try:
             response = await self.crawler.engine.download_async(request)
@@ -175,6 +181,11 @@ def _is_url(value: str) -> bool:
 def _parse_file(path: Path) -> Iterator[Entry | BadLine]:
     with path.open(encoding="utf-8", errors="replace") as f:
         yield from parse_lines(f)
+
+
+def _parse_stdin() -> Iterator[Entry | BadLine]:
+    """Standard input as UTF-8 whatever the locale, undecodable bytes replaced, like a list file."""
+    yield from parse_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
 
 
 _END = object()
