@@ -15,7 +15,10 @@ the whole request. A large file that keeps flowing is never cut for being long.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import resource
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urldefrag
 
@@ -33,6 +36,7 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Headers, Response
 from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
 from twisted.internet import error as txerror
 from twisted.internet.defer import Deferred
@@ -63,6 +67,7 @@ SINK_META = "fetcher_sink"
 STREAMED_FLAG = "fetcher:streamed"
 #: Flag on streamed responses that ended with the connection, with no length to check.
 UNVERIFIED_END_FLAG = "fetcher:unverified-end"
+_RESERVED_FDS = 64  # descriptors Scrapy, the reactor, logs and the manifest need besides transfers
 #: How much of a body that is not streamed (an error page) is kept.
 _ERROR_BODY_LIMIT = 64 * 1024
 
@@ -97,17 +102,40 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
         self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
         self._max_time = settings.getfloat("FETCHER_MAX_TIME", defaults.FETCHER_MAX_TIME)
+        # Scrapy enforces CONCURRENT_REQUESTS only for requests from its scheduler (the pipeline's
+        # do not come from there), and with the asyncio reactor its downloader starts every request
+        # queued in one loop iteration, whatever CONCURRENT_REQUESTS_PER_DOMAIN says. Streamed
+        # transfers are bounded here instead: first by host, then in all.
+        self._transfers = asyncio.Semaphore(_fitting_concurrency(settings.getint("CONCURRENT_REQUESTS")))
+        self._per_host = settings.getint("CONCURRENT_REQUESTS_PER_IP") or settings.getint(
+            "CONCURRENT_REQUESTS_PER_DOMAIN")
+        self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
+        self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def download_request(self, request: Request) -> Response:
         sink: HashingWriter | None = request.meta.get(SINK_META)
         if sink is None:
             return await self._fallback.download_request(request)
-        try:
-            return await self._stream(request, sink)
-        except (BodyError, DownloadTimeoutError):
-            raise
-        except Exception as exc:
-            raise _readable(exc, request) from exc
+        stats = self.crawler.stats
+        # The host's limit first: a request waiting behind its host holds no global slot.
+        async with self._host_limit(request), self._transfers:
+            stats.inc_value("fetcher/active")
+            try:
+                return await self._stream(request, sink)
+            except (BodyError, DownloadTimeoutError):
+                raise
+            except Exception as exc:
+                raise _readable(exc, request) from exc
+            finally:
+                stats.inc_value("fetcher/active", -1)
+
+    def _host_limit(self, request: Request) -> asyncio.Semaphore:
+        """One semaphore per downloader slot (host), sized as Scrapy sizes the slot."""
+        key = request.meta.get("download_slot") or urlparse_cached(request).hostname or ""
+        if key not in self._hosts:
+            size = self._slot_settings.get(key, {}).get("concurrency", self._per_host)
+            self._hosts[key] = asyncio.Semaphore(max(1, int(size)))
+        return self._hosts[key]
 
     async def close(self) -> None:
         await self._fallback.close()
@@ -270,6 +298,27 @@ class _BodyReader(Protocol):
             f"no data for {self._stall_timeout:g} s after {self._received} body bytes "
             "(FETCHER_STALL_TIMEOUT)"
         ))
+
+
+def _fitting_concurrency(wanted: int) -> int:
+    """Transfers that fit in the file-descriptor limit (``ulimit -n``): each
+    needs a socket and a .part file, and Scrapy needs some for itself. The soft
+    limit is raised to the hard one first; past that, fewer transfers run at once
+    rather than failing on EMFILE."""
+    wanted = max(1, wanted)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * wanted + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        with contextlib.suppress(ValueError, OSError):
+            soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    fitting = max(1, (soft - _RESERVED_FDS) // 2)
+    logger.warning("CONCURRENT_REQUESTS=%d needs about %d file descriptors, but the limit (ulimit -n) is %d: "
+                   "running %d transfers at once", wanted, needed, soft, fitting)
+    return fitting
 
 
 def _reason(failure: Failure) -> str:

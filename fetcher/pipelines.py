@@ -10,10 +10,8 @@ expected checksum, rename it into place, and tell the manifest how it ended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +63,6 @@ logger = logging.getLogger(__name__)
 ENTRY_META = "fetcher_entry"
 _END_CHECKS = 3  # Range requests that may confirm the end of a body that had no length
 _STOP_POLL = 0.5  # seconds: how soon a backoff notices that the run is being stopped
-_RESERVED_FDS = 64  # descriptors Scrapy, the reactor, logs and the manifest need besides transfers
 
 
 class _Outcome(Exception):
@@ -119,8 +116,6 @@ class StreamingFilesPipeline(FilesPipeline):
             s.getfloat("FETCHER_BACKOFF_MAX", defaults.FETCHER_BACKOFF_MAX),
             s.getfloat("FETCHER_RETRY_AFTER_MAX", defaults.FETCHER_RETRY_AFTER_MAX),
         )
-        # Global cap on transfers; a download waiting out a backoff holds none.
-        self._slots = asyncio.Semaphore(_fitting_concurrency(s.getint("CONCURRENT_REQUESTS")))
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
         self._claims: dict[str, str] = {}  # out= path -> the URL that named it, for this run
 
@@ -289,24 +284,20 @@ class StreamingFilesPipeline(FilesPipeline):
             headers=headers,
             meta={**request.meta, SINK_META: writer, "dont_retry": True},
         )
-        stats = self.crawler.stats
-        async with self._slots:
-            if not self.crawler.engine.running:  # stopped (Ctrl-C): start nothing new; a rerun resumes
-                raise _Outcome("the run was stopped before this file was fetched", reason="stopped",
-                               retryable=False)
-            stats.inc_value("fetcher/active")
-            try:
-                return await self.crawler.engine.download_async(attempt)
-            except BodyError as exc:
-                # A resume that went wrong starts over from byte 0; other kept bytes stay.
-                raise _Outcome(str(exc), reason=_reason(exc), retryable=exc.retryable,
-                               keep_part=exc.retryable and not isinstance(exc, ResumeMismatch)) from exc
-            except self.retry_exceptions as exc:
-                raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=True) from exc
-            except Exception as exc:  # IgnoreRequest (redirect loops), TLS, unsupported: final
-                raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
-            finally:
-                stats.inc_value("fetcher/active", -1)
+        if not self.crawler.engine.running:  # stopped (Ctrl-C): start nothing new; a rerun resumes
+            raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
+        try:
+            # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
+            # neither a request queued behind its host's limit nor a backoff holds one.
+            return await self.crawler.engine.download_async(attempt)
+        except BodyError as exc:
+            # A resume that went wrong starts over from byte 0; other kept bytes stay.
+            raise _Outcome(str(exc), reason=_reason(exc), retryable=exc.retryable,
+                           keep_part=exc.retryable and not isinstance(exc, ResumeMismatch)) from exc
+        except self.retry_exceptions as exc:
+            raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=True) from exc
+        except Exception as exc:  # IgnoreRequest (redirect loops), TLS, unsupported: final
+            raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
 
     def _complete(self, response: Response, writer: HashingWriter, record: FileRecord) -> None:
         """Judge a response: commit the file, or raise the _Outcome to act on."""
@@ -351,27 +342,6 @@ class StreamingFilesPipeline(FilesPipeline):
             logger.error("Failed %s: %s", record.url, record.error)
         self.inc_stats(record.status)
         self.crawler.signals.send_catch_log(signals.file_finished, record=record)
-
-
-def _fitting_concurrency(wanted: int) -> int:
-    """Transfers that fit in the file-descriptor limit (``ulimit -n``): each
-    needs a socket and a .part file, and Scrapy needs some for itself. The soft
-    limit is raised to the hard one first; past that, fewer transfers run at once
-    rather than failing on EMFILE."""
-    wanted = max(1, wanted)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = 2 * wanted + _RESERVED_FDS
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        with contextlib.suppress(ValueError, OSError):
-            soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return wanted
-    fitting = max(1, (soft - _RESERVED_FDS) // 2)
-    logger.warning("CONCURRENT_REQUESTS=%d needs about %d file descriptors, but the limit (ulimit -n) is %d: "
-                   "running %d transfers at once", wanted, needed, soft, fitting)
-    return fitting
 
 
 _REASONS: tuple[tuple[type[BaseException], str], ...] = (
