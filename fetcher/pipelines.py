@@ -161,7 +161,13 @@ class StreamingFilesPipeline(FilesPipeline):
     async def _fetch_once(self, request: Request, item: Any) -> FileRecord:
         """Fetch a file unless the same path is being fetched already."""
         entry: Entry = request.meta[ENTRY_META]
-        path = self.file_path(request, info=self.spiderinfo, item=item)
+        try:
+            path = self.file_path(request, info=self.spiderinfo, item=item)
+        except ValueError as exc:  # a URL no file can be named after (a spider's item, not our list)
+            record = FileRecord(entry, "failed", error=f"cannot name a file for {entry.url}: {exc}",
+                                reason="bad URL")
+            self._finished(record)
+            return record
         claimed = self._claims.get(path)
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
@@ -308,6 +314,10 @@ class StreamingFilesPipeline(FilesPipeline):
         elif status == 416 and writer.offset:
             raise _Outcome("the server refused to resume (HTTP 416)", reason="bad resume", retryable=True,
                            http_status=status, keep_part=False)
+        elif STREAMED_FLAG not in response.flags and 200 <= status < 300:
+            raise _Outcome(f"HTTP {status} but the body was not streamed: DOWNLOAD_HANDLERS must map this scheme "
+                           "to fetcher.handlers.StreamingDownloadHandler", reason="not streamed",
+                           retryable=False, http_status=status)
         elif STREAMED_FLAG not in response.flags:
             retry_after = None
             if status in (429, 503):

@@ -61,3 +61,20 @@ def test_stock_item_fields_work_in_another_spider(fetch: Fetch, origin: Origin, 
         assert (tmp_path / "store" / f["path"]).read_bytes() == content_bytes(name, size)
     manifest = [json.loads(line) for line in (tmp_path / "store/manifest.jsonl").read_text().splitlines()]
     assert sorted(r["status"] for r in manifest) == ["downloaded", "downloaded", "failed"]
+
+
+def test_forgetting_the_handler_gives_a_clear_failure(fetch: Fetch, origin: Origin, tmp_path: Path) -> None:
+    origin.texts["catalogue"] = "/gen/1k/alone.bin"
+    spider = textwrap.dedent(SPIDER).replace('"DOWNLOAD_HANDLERS"', '"_NO_DOWNLOAD_HANDLERS"')
+    (tmp_path / "catalogue.py").write_text(spider)
+    env = fetch.env()
+    env.pop("SCRAPY_SETTINGS_MODULE")
+    proc = subprocess.run(
+        [SCRAPY, "runspider", "catalogue.py", "-a", f"base={origin.url}",
+         "-s", "TELNETCONSOLE_ENABLED=False", "-s", "REMOTE_CONTROL_ENABLED=False"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    [record] = [json.loads(line) for line in (tmp_path / "store/manifest.jsonl").read_text().splitlines()]
+    assert record["status"] == "failed"
+    assert "fetcher.handlers.StreamingDownloadHandler" in record["error"]
+    assert "fetcher.handlers.StreamingDownloadHandler" in proc.stderr
