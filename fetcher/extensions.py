@@ -105,10 +105,10 @@ class FailedList:
         self._file.flush()
         self._count += 1
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
         if self._file is not None:
             self._file.close()
-        if not self.stats.get_value("fetcher/list_complete"):
+        if reason != "finished" and not self.stats.get_value("fetcher/list_complete"):
             # Entries never read have no record: the old list is still the better one.
             self._tmp.unlink(missing_ok=True)
             if self._count:

@@ -45,7 +45,13 @@ class FileRecord:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.entry.url).netloc or "(no host)"
+        """host[:port], never the user:password a URL may carry."""
+        parts = urlsplit(self.entry.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        return (parts.hostname or "(no host)") + (f":{port}" if port else "")
 
     def manifest(self) -> dict[str, Any]:
         return {
