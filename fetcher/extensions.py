@@ -108,7 +108,10 @@ class FailedList:
     def close(self, reason: str) -> None:
         if self._file is not None:
             self._file.close()
-        if reason != "finished" and not self.stats.get_value("fetcher/list_complete"):
+        # fetch spider: only a list read to the end gave every entry a record; other spiders: a finished run.
+        listed = self.stats.get_value("fetcher/listed") is not None
+        complete = self.stats.get_value("fetcher/list_complete") if listed else reason == "finished"
+        if not complete:
             # Entries never read have no record: the old list is still the better one.
             self._tmp.unlink(missing_ok=True)
             if self._count:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import weakref
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urldefrag
 
@@ -53,6 +54,7 @@ from fetcher.writer import BodyError
 if TYPE_CHECKING:
     from scrapy import Request
     from scrapy.crawler import Crawler
+    from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
     from twisted.internet.interfaces import IDelayedCall
     from twisted.python.failure import Failure
@@ -84,6 +86,40 @@ class TLSError(Exception):
     """The TLS handshake failed (a certificate that does not verify): retrying cannot help."""
 
 
+class _TransferLimits:
+    """The transfer limits of one crawl, shared by its http and https handlers.
+
+    Scrapy enforces CONCURRENT_REQUESTS only for requests from its scheduler (the
+    pipeline's do not come from there), and with the asyncio reactor its
+    downloader starts every request queued in one loop iteration, whatever
+    CONCURRENT_REQUESTS_PER_DOMAIN says. Streamed transfers are bounded here
+    instead: first by host, so that one waiting behind its host holds no global
+    slot, then in all."""
+
+    _by_crawler: weakref.WeakKeyDictionary[Crawler, _TransferLimits] = weakref.WeakKeyDictionary()
+
+    def __init__(self, settings: BaseSettings) -> None:
+        self.total = asyncio.Semaphore(_fitting_concurrency(settings.getint("CONCURRENT_REQUESTS")))
+        self._per_host = settings.getint("CONCURRENT_REQUESTS_PER_IP") or settings.getint(
+            "CONCURRENT_REQUESTS_PER_DOMAIN")
+        self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+
+    @classmethod
+    def of(cls, crawler: Crawler) -> _TransferLimits:
+        if crawler not in cls._by_crawler:
+            cls._by_crawler[crawler] = cls(crawler.settings)
+        return cls._by_crawler[crawler]
+
+    def host(self, request: Request) -> asyncio.Semaphore:
+        """One semaphore per downloader slot (host), sized as Scrapy sizes the slot."""
+        key = request.meta.get("download_slot") or urlparse_cached(request).hostname or ""
+        if key not in self._hosts:
+            size = self._slot_settings.get(key, {}).get("concurrency", self._per_host)
+            self._hosts[key] = asyncio.Semaphore(max(1, int(size)))
+        return self._hosts[key]
+
+
 class StreamingDownloadHandler(BaseDownloadHandler):
     """``http``/``https`` handler: streams requests that carry a sink, delegates the rest."""
 
@@ -102,15 +138,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
         self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
         self._max_time = settings.getfloat("FETCHER_MAX_TIME", defaults.FETCHER_MAX_TIME)
-        # Scrapy enforces CONCURRENT_REQUESTS only for requests from its scheduler (the pipeline's
-        # do not come from there), and with the asyncio reactor its downloader starts every request
-        # queued in one loop iteration, whatever CONCURRENT_REQUESTS_PER_DOMAIN says. Streamed
-        # transfers are bounded here instead: first by host, then in all.
-        self._transfers = asyncio.Semaphore(_fitting_concurrency(settings.getint("CONCURRENT_REQUESTS")))
-        self._per_host = settings.getint("CONCURRENT_REQUESTS_PER_IP") or settings.getint(
-            "CONCURRENT_REQUESTS_PER_DOMAIN")
-        self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._limits = _TransferLimits.of(crawler)
 
     async def download_request(self, request: Request) -> Response:
         sink: HashingWriter | None = request.meta.get(SINK_META)
@@ -118,7 +146,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             return await self._fallback.download_request(request)
         stats = self.crawler.stats
         # The host's limit first: a request waiting behind its host holds no global slot.
-        async with self._host_limit(request), self._transfers:
+        async with self._limits.host(request), self._limits.total:
             stats.inc_value("fetcher/active")
             try:
                 return await self._stream(request, sink)
@@ -128,14 +156,6 @@ class StreamingDownloadHandler(BaseDownloadHandler):
                 raise _readable(exc, request) from exc
             finally:
                 stats.inc_value("fetcher/active", -1)
-
-    def _host_limit(self, request: Request) -> asyncio.Semaphore:
-        """One semaphore per downloader slot (host), sized as Scrapy sizes the slot."""
-        key = request.meta.get("download_slot") or urlparse_cached(request).hostname or ""
-        if key not in self._hosts:
-            size = self._slot_settings.get(key, {}).get("concurrency", self._per_host)
-            self._hosts[key] = asyncio.Semaphore(max(1, int(size)))
-        return self._hosts[key]
 
     async def close(self) -> None:
         await self._fallback.close()
@@ -182,7 +202,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             raise
         body, flags = b"", [STREAMED_FLAG] if streaming else []
         if has_body:
-            finished: Deferred[tuple[bytes, bool]] = Deferred()
+            # Cancelled (the engine closing): stop the transfer rather than leave it draining.
+            finished: Deferred[tuple[bytes, bool]] = Deferred(lambda _: reader.stop())
             reader = _BodyReader(finished, sink if streaming else None, self._reactor, self._stall_timeout,
                                  self.crawler.stats)
             txresponse.deliverBody(reader)
@@ -196,7 +217,9 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             finally:
                 if max_call is not None and max_call.active():
                     max_call.cancel()
-            if unverified_end and streaming:
+            # Checkable only where the server takes ranges; a 206 told the full length already.
+            accepts_ranges = b"bytes" in (headers.get(b"Accept-Ranges") or b"").lower()
+            if unverified_end and streaming and sink.expected_size is None and accepts_ranges:
                 flags.append(UNVERIFIED_END_FLAG)
         if streaming:
             sink.finish()
@@ -255,7 +278,7 @@ class _BodyReader(Protocol):
             self._buffer += data[: _ERROR_BODY_LIMIT - len(self._buffer)]
             if len(self._buffer) >= _ERROR_BODY_LIMIT:
                 self._end(bytes(self._buffer), unverified=False)
-                self._stop()
+                self.stop()
             return
         try:
             self._sink.write(data)
@@ -277,7 +300,7 @@ class _BodyReader(Protocol):
         """End the transfer now with *exc* (stall, size cap, disk error)."""
         if self._cancel_stall_timer():
             self._finished.errback(exc)
-            self._stop()
+            self.stop()
 
     def _end(self, body: bytes, *, unverified: bool) -> None:
         if self._cancel_stall_timer():
@@ -289,7 +312,9 @@ class _BodyReader(Protocol):
             self._stall_call.cancel()
         return not self._finished.called
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Stop receiving: the transfer is over (ended, failed or cancelled)."""
+        self._cancel_stall_timer()
         if self.transport is not None:
             self.transport.stopProducing()
 

@@ -54,12 +54,13 @@ class FileRecord:
         return (parts.hostname or "(no host)") + (f":{port}" if port else "")
 
     def manifest(self) -> dict[str, Any]:
+        failed = self.status == "failed"  # no file: no path, size or checksum to report
         return {
             "url": self.url,
             "status": self.status,
-            "path": self.path,
-            "size": self.size,
-            "checksum": self.checksum,
+            "path": None if failed else self.path,
+            "size": None if failed else self.size,
+            "checksum": None if failed else self.checksum,
             "algorithm": self.algorithm,
             "http_status": self.http_status,
             "attempts": self.attempts,

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from fetcher import settings as defaults
 from fetcher import signals
+from fetcher._scrapy_private import spider_closing
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
 from fetcher.items import FileRecord
@@ -117,7 +118,8 @@ class StreamingFilesPipeline(FilesPipeline):
             s.getfloat("FETCHER_RETRY_AFTER_MAX", defaults.FETCHER_RETRY_AFTER_MAX),
         )
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
-        self._claims: dict[str, str] = {}  # out= path -> the URL that named it, for this run
+        # Which URL each path of this run belongs to (hashes: ~100 bytes a file on huge lists).
+        self._claims: dict[int, int] = {}
 
     # -- stock FilesPipeline hooks
 
@@ -168,16 +170,13 @@ class StreamingFilesPipeline(FilesPipeline):
                                 reason="bad URL")
             self._finished(record)
             return record
-        claimed = self._claims.get(path)
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
-        if claimed is not None and claimed != entry.url or path in self._inflight:
-            other = claimed or self._inflight[path][0]
-            record = FileRecord(entry, "failed", error=f"{other} is saved to the same path {path}",
+        claim, owner = _key(path), _key(entry.url)
+        if self._claims.setdefault(claim, owner) != owner:  # another URL of this run has this name
+            record = FileRecord(entry, "failed", error=f"another URL of this run is saved to {path}",
                                 reason="path conflict")
         else:
-            if entry.out:  # a name from the list: no other URL may take it in this run
-                self._claims[path] = entry.url
             future = asyncio.get_running_loop().create_future()
             self._inflight[path] = (entry.url, future)
             try:
@@ -206,6 +205,7 @@ class StreamingFilesPipeline(FilesPipeline):
         stats = self.crawler.stats
         conditional: dict[str, str] = {}
         free_checks = _END_CHECKS
+        last: _Outcome | None = None
         try:
             if final.is_file():
                 if await self._uptodate(final, algorithms, record):
@@ -225,12 +225,17 @@ class StreamingFilesPipeline(FilesPipeline):
                 except _Outcome as outcome:
                     writer.close()
                     record.received = writer.transferred
-                    record.http_status = outcome.http_status
                     if not outcome.keep_part:
                         writer.discard()
-                    if outcome.free and free_checks:  # not a failure: ask again at once
+                    if outcome.free and free_checks:  # part of this attempt: ask again at once
                         free_checks -= 1
+                        record.attempts -= 1
                         continue
+                    if outcome.reason == "stopped" and last is not None:  # say what happened before
+                        outcome = _Outcome(f"{last}; the run stopped before another attempt", reason="stopped",
+                                           retryable=False, http_status=last.http_status)
+                    record.http_status = outcome.http_status
+                    last = outcome
                     if not (outcome.retryable and record.attempts <= self.retry_times):
                         record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
                         return record
@@ -278,7 +283,7 @@ class StreamingFilesPipeline(FilesPipeline):
     async def _wait(self, delay: float) -> None:
         """Sleep out a backoff, but wake up when the run is being stopped (Ctrl-C)."""
         deadline = time.monotonic() + delay
-        while self.crawler.engine.running and (left := deadline - time.monotonic()) > 0:
+        while not spider_closing(self.crawler) and (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(left, _STOP_POLL))
 
     async def _download(self, request: Request, writer: HashingWriter, conditional: dict[str, str]) -> Response:
@@ -290,7 +295,7 @@ class StreamingFilesPipeline(FilesPipeline):
             headers=headers,
             meta={**request.meta, SINK_META: writer, "dont_retry": True},
         )
-        if not self.crawler.engine.running:  # stopped (Ctrl-C): start nothing new; a rerun resumes
+        if spider_closing(self.crawler):  # Ctrl-C, CLOSESPIDER_*: start nothing new; a rerun resumes
             raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
         try:
             # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
@@ -311,9 +316,9 @@ class StreamingFilesPipeline(FilesPipeline):
         record.http_status = status
         if writer.is_complete_part(status, response.headers):
             writer.size = writer.offset  # nothing was missing: the kept part is the whole file
-        elif status == 416 and writer.offset:
+        elif status == 416 and writer.offset:  # the kept part is not a prefix of the file: start over
             raise _Outcome("the server refused to resume (HTTP 416)", reason="bad resume", retryable=True,
-                           http_status=status, keep_part=False)
+                           http_status=status, keep_part=False, free=True)
         elif STREAMED_FLAG not in response.flags and 200 <= status < 300:
             raise _Outcome(f"HTTP {status} but the body was not streamed: DOWNLOAD_HANDLERS must map this scheme "
                            "to fetcher.handlers.StreamingDownloadHandler", reason="not streamed",
@@ -369,6 +374,10 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (RedirectLoopError, "redirect loop"),
     (IgnoreRequest, "not downloaded"),
 )
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def _reason(exc: BaseException) -> str:

@@ -176,13 +176,16 @@ class HashingWriter:
         if status not in (200, 206):
             return False
         total = _header_int(headers, "Content-Length")
-        validators = Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"))
+        validators = self._validators_of(headers)
         if status == 206:
             start, total = _content_range(headers)
             if start != self.offset:
                 raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
             if self.validators is None or self.validators.changed(validators):
                 raise ResumeMismatch("the file changed on the server since the first part was fetched")
+            # A 206 need not repeat every validator: keep the ones it left out.
+            validators = Validators(self.url, validators.etag or self.validators.etag,
+                                    validators.last_modified or self.validators.last_modified)
             self.resumed_from = start
         else:  # a full body: whatever was kept is replaced
             self.resumed_from = 0
@@ -230,7 +233,16 @@ class HashingWriter:
         the .part already holds the whole file (a run killed before the rename,
         or a body whose end could not be told from a dropped connection)."""
         value = _header_str(headers, "Content-Range") or ""
-        return status == 416 and bool(self.offset) and value.strip() == f"bytes */{self.offset}"
+        return (
+            status == 416
+            and bool(self.offset)
+            and value.strip() == f"bytes */{self.offset}"
+            and self.validators is not None
+            and not self.validators.changed(self._validators_of(headers))
+        )
+
+    def _validators_of(self, headers: HeadersLike) -> Validators:
+        return Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"))
 
     # -- after the request, owned by the pipeline
 
@@ -246,7 +258,11 @@ class HashingWriter:
     def commit(self) -> None:
         """Move the complete body to its final name (atomic on one filesystem)."""
         try:
-            if self._file is not None:
+            if self._file is None:  # a .part found complete: reopen it only to fsync it
+                if self.fsync:
+                    with self.part.open("rb") as f:
+                        os.fsync(f.fileno())
+            else:
                 self._file.flush()
                 if self.fsync:
                     os.fsync(self._file.fileno())

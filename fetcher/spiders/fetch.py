@@ -29,7 +29,7 @@ from scrapy.exceptions import CloseSpider
 
 from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
-from fetcher._scrapy_private import recheck_scraper_closing
+from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord
 from fetcher.urllist import BadLine, Entry, parse_inline, parse_lines
@@ -121,7 +121,7 @@ class FetchSpider(Spider):
         engine = self.crawler.engine
         stats = self.crawler.stats
         while engine.spider is self:
-            if not engine.running:
+            if spider_closing(self.crawler):
                 recheck_scraper_closing(self.crawler)
             elif stats.get_value("fetcher/list_complete") and engine.spider_is_idle():
                 await engine.close_spider_async(reason="finished")
