@@ -49,6 +49,7 @@ class Manifest:
     def __init__(self, crawler: Crawler, path: Path) -> None:
         self.path = path
         self._file: IO[str] | None = None
+        self._ok = True  # the last write went through (a full disk is reported once)
         crawler.signals.connect(self.open, signal=signals.spider_opened)
         crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
         crawler.signals.connect(self.close, signal=signals.spider_closed)
@@ -63,12 +64,26 @@ class Manifest:
 
     def write(self, record: FileRecord) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(record.manifest(), ensure_ascii=False) + "\n")
-        self._file.flush()
+        self._ok = _append(self._file, json.dumps(record.manifest(), ensure_ascii=False) + "\n", self._ok)
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk was reported already
+                self._file.close()
+
+
+def _append(file: IO[str], text: str, was_ok: bool) -> bool:
+    """Write and flush a report line; on a disk error say so once (not per line) and go on:
+    the run, its log and its summary matter more than one report line."""
+    try:
+        file.write(text)
+        file.flush()
+    except OSError as exc:
+        if was_ok:
+            logger.error("Cannot write %s: %s; its lines are missing until the disk has room",
+                         getattr(file, "name", "a report"), exc.strerror or exc)
+        return False
+    return True
 
 
 class FailedList:
@@ -84,6 +99,7 @@ class FailedList:
         self.stats = crawler.stats
         self._tmp = path.with_name(path.name + ".tmp")
         self._file: IO[str] | None = None
+        self._ok = True
         self._count = 0
         crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
         crawler.signals.connect(self.close, signal=signals.spider_closed)
@@ -101,13 +117,13 @@ class FailedList:
             self._file.write("# fetcher: the URLs that failed; rerun with -a list=" + str(self.path) + "\n")
         # A bad line cannot be retried as it is: it is kept as a comment to fix by hand.
         line = "" if record.reason == BAD_LINE else record.entry.to_line() + "\n"
-        self._file.write(f"# {record.error}\n{line}")
-        self._file.flush()
+        self._ok = _append(self._file, f"# {record.error}\n{line}", self._ok)
         self._count += 1
 
     def close(self, reason: str) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk was reported already
+                self._file.close()
         # fetch spider: only a list read to the end gave every entry a record; other spiders: a finished run.
         listed = self.stats.get_value("fetcher/listed") is not None
         complete = self.stats.get_value("fetcher/list_complete") if listed else reason == "finished"

@@ -252,7 +252,10 @@ class HashingWriter:
     def close(self) -> None:
         """Close the .part file, keeping it (and its validators) for a later resume."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # buffered bytes did not reach the disk: hash the .part again from disk
+                self._hashed = -1
             self._file = None
 
     def commit(self) -> None:
