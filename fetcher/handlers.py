@@ -20,7 +20,7 @@ import contextlib
 import logging
 import resource
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urldefrag
 
 from OpenSSL import SSL
@@ -45,7 +45,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers as TxHeaders
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from fetcher import settings as defaults
 from fetcher._scrapy_private import tls_policy
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
-    from twisted.internet.interfaces import IDelayedCall
+    from twisted.internet.base import DelayedCall
     from twisted.python.failure import Failure
     from twisted.web.client import Response as TxResponse
 
@@ -177,10 +177,10 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         url = urldefrag(request.url)[0]
         # Proxy-* headers are for a proxy; this handler connects directly (see download_request).
         headers_out = TxHeaders({k: v for k, v in request.headers.items() if not k.lower().startswith(b"proxy-")})
-        d: Deferred[TxResponse] = agent.request(request.method.encode(), url.encode("ascii"), headers_out, None)
+        d: Deferred[IResponse] = agent.request(request.method.encode(), url.encode("ascii"), headers_out, None)
         headers_call = self._reactor.callLater(timeout, d.cancel)
         try:
-            txresponse = await maybe_deferred_to_future(d)
+            txresponse = cast("TxResponse", await maybe_deferred_to_future(d))
         except Exception as exc:
             if not headers_call.active():  # our cancel fired: Twisted wraps it in various ways
                 raise DownloadTimeoutError(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
@@ -264,7 +264,7 @@ class _BodyReader(Protocol):
         self._buffer = bytearray()
         self._received = 0
         self._stall_timeout = stall_timeout
-        self._stall_call: IDelayedCall | None = (
+        self._stall_call: DelayedCall | None = (
             reactor.callLater(stall_timeout, self._stalled) if stall_timeout else None
         )
 

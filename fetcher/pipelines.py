@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from itemadapter import ItemAdapter
 from scrapy.exceptions import (
@@ -150,12 +150,12 @@ class StreamingFilesPipeline(FilesPipeline):
     async def process_item(self, item: Any, spider: Any = None) -> Any:
         requests = self.get_media_requests(item, self.spiderinfo)
         records = await asyncio.gather(*(self._fetch_once(r, item) for r in requests))
-        results: list[FileInfoOrError] = [
+        results = cast("list[FileInfoOrError]", [
             (True, {"url": r.url, "path": r.path, "checksum": r.checksum, "status": r.status})
             if r.status != "failed"
             else (False, Failure(IgnoreRequest(r.error)))
             for r in records
-        ]
+        ])
         return self.item_completed(results, item, self.spiderinfo)
 
     # -- one file
@@ -196,7 +196,7 @@ class StreamingFilesPipeline(FilesPipeline):
             final = resolve_in_store(self.store_dir, path)
         except ValueError as exc:
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
-        algorithms = (self.algorithm,)
+        algorithms: tuple[str, ...] = (self.algorithm,)
         if entry.checksum and entry.checksum.algorithm != self.algorithm:
             algorithms += (entry.checksum.algorithm,)
         record = FileRecord(entry, "failed", path=path, algorithm=self.algorithm)
@@ -326,7 +326,7 @@ class StreamingFilesPipeline(FilesPipeline):
         elif STREAMED_FLAG not in response.flags:
             retry_after = None
             if status in (429, 503):
-                retry_after = retry_after_seconds(response.headers.get("Retry-After", b"").decode("latin-1"),
+                retry_after = retry_after_seconds((response.headers.get("Retry-After") or b"").decode("latin-1"),
                                                   time.time())
             raise _Outcome(f"HTTP {status}", reason=f"HTTP {status}", retryable=status in self.retry_codes,
                            http_status=status, retry_after=retry_after)

@@ -58,6 +58,7 @@ class FetchSpider(Spider):
         self.inline_urls = urls
         self._seen: set[int] = set()
         self._pending = 0
+        self.max_pending = defaults.FETCHER_MAX_PENDING  # from the settings in from_crawler
         self._room = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None  # kept so the task is not garbage-collected
 
