@@ -81,7 +81,10 @@ class FetchSpider(Spider):
         spider = super().from_crawler(crawler, *args, **kwargs)
         for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
             crawler.signals.connect(spider._item_done, signal=signal)
-        spider.max_pending = max(1, crawler.settings.getint("FETCHER_MAX_PENDING", defaults.FETCHER_MAX_PENDING))
+        settings = crawler.settings
+        # Never fewer than twice the transfers that may run at once, or the list would starve them.
+        spider.max_pending = max(settings.getint("FETCHER_MAX_PENDING", defaults.FETCHER_MAX_PENDING),
+                                 2 * settings.getint("CONCURRENT_REQUESTS"), 1)
         return spider
 
     async def start(self) -> AsyncIterator[Any]:
