@@ -383,7 +383,11 @@ def test_ctrl_c_stops_promptly_and_a_rerun_finishes(fetch: Fetch, origin: Origin
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     started = time.monotonic()
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # never leave a hung crawl behind
+            proc.kill()
     waited = time.monotonic() - started
     assert proc.returncode == 1
     assert waited < 20, f"Ctrl-C took {waited:.1f} s; the retries wait 60 s"  # not held by the backoffs

@@ -143,16 +143,20 @@ def test_the_list_is_read_lazily(fetch: Fetch, origin: Origin) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdin is not None
-    proc.stdin.write(f"{u}/gen/1k/lazy1.bin\n{u}/gen/1k/lazy2.bin\n")
-    proc.stdin.flush()
-    first = fetch.cwd / "downloads" / u.removeprefix("http://") / "gen/1k/lazy1.bin"
-    deadline = time.monotonic() + 30
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), "nothing was downloaded before the list ended"
-    proc.stdin.write(f"{u}/gen/1k/lazy3.bin\n")
-    proc.stdin.close()
-    assert proc.wait(60) == 0
+    try:
+        proc.stdin.write(f"{u}/gen/1k/lazy1.bin\n{u}/gen/1k/lazy2.bin\n")
+        proc.stdin.flush()
+        first = fetch.cwd / "downloads" / u.removeprefix("http://") / "gen/1k/lazy1.bin"
+        deadline = time.monotonic() + 30
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), "nothing was downloaded before the list ended"
+        proc.stdin.write(f"{u}/gen/1k/lazy3.bin\n")
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:  # never leave a hung crawl behind
+            proc.kill()
     assert origin.stats.hits_by_path["/gen/1k/lazy3.bin"] == 1
 
 
