@@ -43,7 +43,11 @@ def run_in_terminal(fetch: Fetch, args: list[str], timeout: float = 60) -> tuple
         elif proc.poll() is not None:
             break
     os.close(master)
-    return proc.wait(10), b"".join(chunks).decode("utf-8", "replace")
+    try:
+        return proc.wait(10), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        if proc.poll() is None:  # never leave a hung crawl behind
+            proc.kill()
 
 
 def test_progress_bar_on_a_terminal(fetch: Fetch, origin: Origin) -> None:
