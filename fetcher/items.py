@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -10,6 +11,12 @@ from fetcher.urllist import Entry
 
 Status = Literal["downloaded", "uptodate", "failed"]
 BAD_LINE = "bad list line"  # the failure reason of a line that is not a valid entry
+
+
+def run_key(text: str) -> int:
+    """An 8-byte hash of a URL or a path: what run-wide sets keep instead of the
+    text, so that checking millions of entries stays small."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 @dataclass

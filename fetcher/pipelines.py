@@ -38,7 +38,7 @@ from fetcher import signals
 from fetcher._scrapy_private import spider_closing
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
-from fetcher.items import FileRecord
+from fetcher.items import FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import resolve_in_store, url_to_path
 from fetcher.urllist import Entry
@@ -172,7 +172,7 @@ class StreamingFilesPipeline(FilesPipeline):
             return record
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
-        claim, owner = _key(path), _key(entry.url)
+        claim, owner = run_key(path), run_key(entry.url)
         if self._claims.setdefault(claim, owner) != owner:  # another URL of this run has this name
             record = FileRecord(entry, "failed", error=f"another URL of this run is saved to {path}",
                                 reason="path conflict")
@@ -287,6 +287,8 @@ class StreamingFilesPipeline(FilesPipeline):
             await asyncio.sleep(min(left, _STOP_POLL))
 
     async def _download(self, request: Request, writer: HashingWriter, conditional: dict[str, str]) -> Response:
+        if spider_closing(self.crawler):  # Ctrl-C, CLOSESPIDER_*: start nothing new; a rerun resumes
+            raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
         headers = dict(request.headers.to_unicode_dict())
         headers["Accept-Encoding"] = "identity"  # the bytes the server has, not a re-encoding
         headers.update(conditional)
@@ -295,8 +297,6 @@ class StreamingFilesPipeline(FilesPipeline):
             headers=headers,
             meta={**request.meta, SINK_META: writer, "dont_retry": True},
         )
-        if spider_closing(self.crawler):  # Ctrl-C, CLOSESPIDER_*: start nothing new; a rerun resumes
-            raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
         try:
             # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
             # neither a request queued behind its host's limit nor a backoff holds one.
@@ -333,7 +333,6 @@ class StreamingFilesPipeline(FilesPipeline):
         elif UNVERIFIED_END_FLAG in response.flags and writer.resumable():
             # No length and the connection closed: a reset looks the same as the end.
             # Ask for the bytes after it; a 416 says there are none.
-            writer.close()
             raise _Outcome("the body ended with the connection and no length", reason="unverified end",
                            retryable=True, http_status=status, free=True)
         record.received = writer.transferred
@@ -374,10 +373,6 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (RedirectLoopError, "redirect loop"),
     (IgnoreRequest, "not downloaded"),
 )
-
-
-def _key(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,6 @@ duplicate check only. Bad lines become failed records; they never stop the run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
 import queue
@@ -31,7 +30,7 @@ from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
-from fetcher.items import BAD_LINE, FetchItem, FileRecord
+from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.urllist import BadLine, Entry, parse_inline, parse_lines
 from fetcher.writer import HashingWriter
 
@@ -97,7 +96,7 @@ class FetchSpider(Spider):
                     stats.inc_value("fetcher/listed")
                     self._bad_line(entry)
                     continue
-                key = int.from_bytes(hashlib.blake2b(entry.url.encode(), digest_size=8).digest(), "big")
+                key = run_key(entry.url)
                 if key in self._seen:
                     logger.warning("line %d: duplicate of an earlier URL, skipped: %s", entry.line, entry.url)
                     stats.inc_value("fetcher/duplicates")
