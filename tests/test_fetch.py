@@ -171,12 +171,19 @@ def test_names_never_leave_the_store(fetch: Fetch, origin: Origin) -> None:
     ]) + "\n"
     run = fetch(listing)
     store = run.store.resolve()
-    for path in fetch.cwd.rglob("*"):
-        if path.is_file() and path.name.startswith(("escape", "a%2F")):
-            assert store in path.resolve().parents, path
-    assert not Path("/tmp/escape5.bin").exists()
+    # The three URLs are fetched (the names only look like escapes) and land inside the store.
+    served_as = {1: "../../../escape1.bin", 2: "../../escape2.bin", 3: "a/../../escape3.bin"}  # origin's names
+    for n, name in served_as.items():
+        [record] = [r for r in run.manifest if r["url"].endswith(f"escape{n}.bin")]
+        assert record["status"] == "downloaded", record
+        path = (run.store / record["path"]).resolve()
+        assert store in path.parents and path.read_bytes() == content_bytes(name, 1024), record
+    written = [p for p in fetch.cwd.rglob("*") if p.is_file() and "escape" in p.name]
+    assert len(written) == 3 and all(store in p.resolve().parents for p in written), written
+    assert not Path("/tmp/escape5.bin").exists() and not (fetch.cwd / "escape4.bin").exists()
     outs = [r for r in run.manifest if "escape4" in (r["error"] or "") or "escape5" in (r["error"] or "")]
-    assert len(outs) == 2 and all(r["status"] == "failed" for r in outs)
+    assert len(outs) == 2 and all(r["status"] == "failed" and "out= must be a relative path" in r["error"]
+                                  for r in outs)
 
 
 def test_settings_layout_algorithm_and_manifest_location(fetch: Fetch, origin: Origin) -> None:
