@@ -1,15 +1,32 @@
-"""The URL list format: entries, options, bad lines, laziness, round trips."""
+"""The URL list format: entries, mirrors, options, warnings, bad lines, laziness,
+round trips through to_line, and reading plain or gzip lists."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import itertools
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO
 
 import pytest
 
 from fetcher.naming import url_to_path
-from fetcher.urllist import BadLine, Checksum, Entry, parse_checksum, parse_inline, parse_lines
+from fetcher.urllist import (
+    BadLine,
+    Checksum,
+    Entry,
+    ListWarning,
+    open_list,
+    parse_checksum,
+    parse_inline,
+    parse_lines,
+    text_lines,
+)
 
 SHA = "0123456789abcdef" * 4
 MD5 = "0123456789abcdef" * 2
@@ -41,7 +58,8 @@ def test_aria2_style_options() -> None:
         "\r\n"
         "# a comment inside the block\r\n"
         "   # an indented comment\r\n"
-        "  out=x/a.bin md5=" + MD5 + "\r\n"
+        "  out = x/a.bin\r\n"
+        "  md5=" + MD5 + "\r\n"
         "https://h/b?q=1#frag\r\n"
         " dir=d\r\n"
         "https://h/\n"
@@ -49,8 +67,8 @@ def test_aria2_style_options() -> None:
     )
     assert parse(text) == [
         Entry("https://h/a", 1, "downloads/x/a.bin", Checksum("md5", MD5)),
-        Entry("https://h/b?q=1#frag", 7, "d/b?q=1"),
-        Entry("https://h/", 9, "d/e/index.html"),
+        Entry("https://h/b?q=1#frag", 8, "d/b?q=1"),
+        Entry("https://h/", 10, "d/e/index.html"),
     ]
 
 
@@ -64,8 +82,10 @@ def test_first_line_and_bom_only_on_first_line() -> None:
 
 def test_url_kept_as_written() -> None:
     url = "HTTPS://Host.example:443/a/../%7Euser/x%2fy?b=2&a=1#part"
-    assert parse(f"  \t{url}  \n") == [BadLine(1, url, "option without a URL above it", None)]
     assert parse(f"{url}   \n") == [Entry(url, 1)]
+    [indented] = parse(f"  \t{url}  \n")  # an entry of its own, with a warning
+    assert indented == Entry(url, 1)
+    assert [w.option for w in indented.warnings] == ["<indented-url>"]
 
 
 @pytest.mark.parametrize(
@@ -95,52 +115,232 @@ def test_bad_urls(line: str, reason: str) -> None:
     ]
 
 
+# Failures: the entry is not downloaded. Same result on the URL line and on an
+# indented line (where the whole rest of the line is the value).
 @pytest.mark.parametrize(
     ("option", "reason"),
     [
-        ("foo=bar", "unknown option 'foo'"),
-        ("referer=http://x/", "unknown option 'referer'"),
-        ("out", "expected key=value, got 'out'"),
         ("out=/etc/passwd", "out= must be a relative path inside the store (absolute path)"),
         ("out=../x", "out= must be a relative path inside the store ('..' segment in path)"),
         ("out=a\\b", "out= must be a relative path inside the store (backslash in path)"),
         ("out=C:x", "out= must be a relative path inside the store (absolute path)"),
         ("out=", "out= must be a relative path inside the store (empty path)"),
-        ("dir=/tmp", "dir= must be a relative path inside the store (absolute path)"),
+        ("out=a/", "out= must be a relative path inside the store (path ends with '/')"),
+        ("dir=/tmp", "dir= must be a relative path, taken under the store (FILES_STORE) (absolute path)"),
+        ("dir=../up", "dir= must be a relative path, taken under the store (FILES_STORE) ('..' segment in path)"),
         ("sha256=abc", "bad sha256 checksum: expected 64 hex digits"),
         (f"sha256={SHA[:-1]}g", "bad sha256 checksum: expected 64 hex digits"),
         (f"md5={SHA}", "bad md5 checksum: expected 32 hex digits"),
         (f"checksum=sha-256={MD5}", "bad sha256 checksum: expected 64 hex digits"),
         (f"checksum=crc32={MD5}", "unsupported checksum algorithm 'crc32'"),
         (f"checksum={SHA}", "checksum= must be <algorithm>=<hex digest>"),
-        (f"shake_128={MD5}", "unknown option 'shake_128'"),
-        ("https://mirror/x", "a URL on an indented line (indented lines hold options)"),
-        ("out=a out=b", "duplicate option 'out'"),
-        (f"sha256={SHA} md5={MD5}", "more than one checksum"),
+        (f"shake_128={MD5}", "unsupported checksum algorithm 'shake_128'"),
+        (f"sha3-256={SHA}", "unknown option 'sha3-256' with a digest as value: not a checksum algorithm fetcher knows"),
+        (f"sha265={SHA}", "unknown option 'sha265' with a digest as value: not a checksum algorithm fetcher knows"),
+        ("header=NoColon", "header= must be 'Name: value' with a valid header name"),
+        ("header=:v", "header= must be 'Name: value' with a valid header name"),
+        ("header=Bad(Name):v", "header= must be 'Name: value' with a valid header name"),
+        ("split=0", "split= must be a positive integer"),
+        ("split=-1", "split= must be a positive integer"),
+        ("split=x", "split= must be a positive integer"),
+        ("split=", "split= must be a positive integer"),
+        ("split=１", "split= must be a positive integer"),
+        ("split=1_0", "split= must be a positive integer"),
+        ("referer=a\x01b", "control characters in referer="),
+        ("user-agent=a\x7fb", "control characters in user-agent="),
+        ("header=X:a\x00b", "control characters in header="),
     ],
 )
 def test_bad_options_inline_and_indented(option: str, reason: str) -> None:
     inline = parse(f"https://h/x  {option}\nhttps://h/y\n")
-    indented = parse(f"https://h/x\n\n  # note\n  {option}\n  foo=second-problem\nhttps://h/y\n")
+    indented = parse(f"https://h/x\n\n  # note\n  {option}\n  out=/second-problem\nhttps://h/y\n")
     assert indented == [BadLine(4, option, reason, "https://h/x"), Entry("https://h/y", 6)]
-    if "://" not in option:
-        assert inline == [BadLine(1, f"https://h/x  {option}", reason, "https://h/x"), Entry("https://h/y", 2)]
+    assert inline == [BadLine(1, f"https://h/x  {option}", reason, "https://h/x"), Entry("https://h/y", 2)]
 
 
-def test_bad_option_after_good_ones() -> None:
-    text = f"https://h/x\n  out=a dir=b\n  md5={MD5}  sha256=1234\n  out=c\nhttps://h/y out=y\n"
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("https://h/x  out", "expected key=value, got 'out' (values with spaces go on an indented line)"),
+        ("https://h/x out=my file.iso", "expected key=value, got 'file.iso' (values with spaces go on an indented line)"),
+        ("https://h/x ftp://m/x", "mirror ftp://m/x: unsupported scheme 'ftp'"),
+        ("https://h/x\thttp://", "mirror http://: not a valid http(s) URL"),
+        ("https://h/x https://ok/x http://h:99999/", "mirror http://h:99999/: not a valid http(s) URL"),
+    ],
+)
+def test_bad_url_line_tokens(line: str, reason: str) -> None:
+    assert parse(f"{line}\n  out=o\nhttps://h/y\n") == [BadLine(1, line, reason, "https://h/x"), Entry("https://h/y", 3)]
+
+
+def test_first_problem_wins() -> None:
+    text = f"https://h/x\n  out=a\n  dir=b\n  md5={MD5}\n  sha256=1234\n  out=/c\nhttps://h/y out=y\n"
     assert parse(text) == [
-        BadLine(3, f"md5={MD5}  sha256=1234", "bad sha256 checksum: expected 64 hex digits", "https://h/x"),
-        Entry("https://h/y", 5, "y"),
+        BadLine(5, "sha256=1234", "bad sha256 checksum: expected 64 hex digits", "https://h/x"),
+        Entry("https://h/y", 7, "y"),
+    ]
+    # An unsafe value is not repaired by a later good one.
+    assert parse("https://h/x\n  out=/etc/x\n  out=ok\n") == [
+        BadLine(2, "out=/etc/x", "out= must be a relative path inside the store (absolute path)", "https://h/x")
     ]
 
 
-def test_mirrors() -> None:
-    line = "https://a/x\thttps://b/x"
-    assert parse(f"{line}\n  out=o\nhttps://c/x\n") == [
-        BadLine(1, line, "several URLs on one line (mirrors) are not supported", "https://a/x"),
-        Entry("https://c/x", 3),
-    ]
+def test_warnings_survive_on_bad_line() -> None:
+    [bad] = parse("https://h/x\n  continue=true\n  out=../x\n")
+    assert isinstance(bad, BadLine)
+    assert bad.warnings == (ListWarning(2, "continue", "aria2 option 'continue' is not supported by fetcher; ignored"),)
+
+
+ARIA2_ONLY = [
+    "all-proxy", "all-proxy-passwd", "all-proxy-user", "allow-overwrite", "always-resume", "auto-file-renaming",
+    "check-integrity", "conditional-get", "connect-timeout", "continue", "dry-run", "file-allocation",
+    "force-save", "ftp-passwd", "ftp-user", "gid", "http-accept-gzip", "http-no-cache", "http-passwd",
+    "http-proxy", "http-user", "https-proxy", "index-out", "lowest-speed-limit", "max-connection-per-server",
+    "max-download-limit", "max-file-not-found", "max-resume-failure-tries", "max-tries", "min-split-size",
+    "no-netrc", "no-proxy", "pause", "proxy-method", "remote-time", "retry-wait", "reuse-uri", "select-file",
+    "timeout", "uri-selector", "use-head", "bt-tracker", "seed-ratio", "follow-torrent", "metalink-language",
+]
+
+
+@pytest.mark.parametrize("name", ARIA2_ONLY)
+def test_aria2_options_fetcher_lacks_are_warnings(name: str) -> None:
+    message = f"aria2 option {name!r} is not supported by fetcher; ignored"
+    for text, line in [(f"https://h/x\n  {name}=2\n", 2), (f"https://h/x {name}=2\n", 1),
+                       (f"https://h/x\n  {name} = a value with spaces\n", 2)]:
+        [entry] = parse(text)
+        assert entry == Entry("https://h/x", 1)
+        assert entry.warnings == (ListWarning(line, name, message),)
+
+
+@pytest.mark.parametrize(
+    ("option", "key", "message"),
+    [
+        ("foo=bar", "foo", "unknown option 'foo'; ignored"),
+        ("ot=x", "ot", "unknown option 'ot'; ignored (did you mean 'out'?)"),
+        ("user_agent=x", "user_agent", "unknown option 'user_agent'; ignored (did you mean 'user-agent'?)"),
+        ("refferer=x", "refferer", "unknown option 'refferer'; ignored (did you mean 'referer'?)"),
+        ("max-trie=3", "max-trie", "unknown option 'max-trie'; ignored (did you mean 'max-tries'?)"),
+        ("Foo=bar", "foo", "unknown option 'Foo'; ignored"),
+        ("=x", "", "unknown option ''; ignored"),
+        ("gid=0123456789abcdef", "gid", "aria2 option 'gid' is not supported by fetcher; ignored"),
+        (f"x-digest={MD5[:31]}", "x-digest", "unknown option 'x-digest'; ignored"),
+    ],
+)
+def test_unknown_options_are_warnings(option: str, key: str, message: str) -> None:
+    for text, line in [(f"https://h/x {option}\n", 1), (f"https://h/x\n  {option}\n", 2)]:
+        [entry] = parse(text)
+        assert entry == Entry("https://h/x", 1)
+        assert entry.warnings == (ListWarning(line, key, message),)
+        assert entry.warnings[0].where == f"line {line}"
+
+
+def test_indented_line_without_equals_is_a_warning() -> None:
+    [entry] = parse("https://h/x\n  out\n  just some words\n")
+    assert entry == Entry("https://h/x", 1)
+    assert [(w.line, w.option) for w in entry.warnings] == [(2, "<no-equals>"), (3, "<no-equals>")]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["header=X-A: 1"], {"headers": (("X-A", "1"),)}),
+        (["header = Authorization: Bearer x y"], {"headers": (("Authorization", "Bearer x y"),)}),
+        (["header=X-Empty:", "header=X-Empty2:   "], {"headers": (("X-Empty", ""), ("X-Empty2", ""))}),
+        (["header=Cookie: a=1; b=2"], {"headers": (("Cookie", "a=1; b=2"),)}),
+        (["header=X-A: 1", "header=x-a: 2", "header=X-B:3"],
+         {"headers": (("X-A", "1"), ("x-a", "2"), ("X-B", "3"))}),
+        (["referer=https://site/page?a=b c"], {"referer": "https://site/page?a=b c"}),
+        (["referer=*"], {"referer": "*"}),
+        (["user-agent=Mozilla/5.0 (X11; Linux x86_64)"], {"user_agent": "Mozilla/5.0 (X11; Linux x86_64)"}),
+        (["user-agent="], {"user_agent": ""}),
+        (["split=5"], {"split": 5}),
+        (["split=016"], {"split": 16}),
+        (["  out  =  with space.iso  "], {"out": "with space.iso"}),
+        (["out=a/b", "dir=d"], {"out": "d/a/b"}),
+        (["dir=d"], {"out": "d/x"}),
+        (["DIR=d", "OUT=o"], {"out": "d/o"}),
+        ([f"checksum = sha-512 = {'ab' * 64}"], {"checksum": Checksum("sha512", "ab" * 64)}),
+        ([f"SHA1={'AB' * 20}"], {"checksum": Checksum("sha1", "ab" * 20)}),
+    ],
+)
+def test_indented_options(options: list[str], expected: dict[str, object]) -> None:
+    text = "https://h/x\n" + "".join(f"  {o}\n" for o in options)
+    [entry] = parse(text)
+    assert entry == Entry("https://h/x", 1, **expected)  # type: ignore[arg-type]
+    assert entry.warnings == ()
+    assert list(parse_lines(entry.to_line().splitlines())) == [entry]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        ("header=X-Token:abc", {"headers": (("X-Token", "abc"),)}),
+        ("header=A:1 header=B:2", {"headers": (("A", "1"), ("B", "2"))}),
+        ("referer=http://r/ user-agent=ua/1 split=3", {"referer": "http://r/", "user_agent": "ua/1", "split": 3}),
+        (f"out=o checksum=SHA-256={SHA}", {"out": "o", "checksum": Checksum("sha256", SHA)}),
+        ("dir=d", {"out": "d/x"}),
+    ],
+)
+def test_same_line_options(tokens: str, expected: dict[str, object]) -> None:
+    [entry] = parse(f"https://h/x {tokens}\n")
+    assert entry == Entry("https://h/x", 1, **expected)  # type: ignore[arg-type]
+    assert entry.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "warned"),
+    [
+        ("https://h/x out=a out=b\n", {"out": "b"}, [(1, "out")]),
+        ("https://h/x\n  out=a\n  out=b\n", {"out": "b"}, [(3, "out")]),
+        ("https://h/x out=a\n  out=b\n", {"out": "b"}, [(2, "out")]),
+        ("https://h/x\n  dir=a\n  dir=b\n", {"out": "b/x"}, [(3, "dir")]),
+        ("https://h/x\n  split=2\n  split=4\n", {"split": 4}, [(3, "split")]),
+        ("https://h/x\n  referer=a\n  referer=b\n", {"referer": "b"}, [(3, "referer")]),
+        ("https://h/x\n  user-agent=a\n  user-agent=b\n", {"user_agent": "b"}, [(3, "user-agent")]),
+        (f"https://h/x sha256={SHA} md5={MD5}\n", {"checksum": Checksum("md5", MD5)}, [(1, "md5")]),
+        (f"https://h/x\n  checksum=md5={MD5}\n  checksum=sha-256={SHA}\n", {"checksum": Checksum("sha256", SHA)},
+         [(3, "checksum")]),
+        ("https://h/x\n  header=A: 1\n  header=A: 2\n", {"headers": (("A", "1"), ("A", "2"))}, []),
+    ],
+)
+def test_repeated_options_last_wins(text: str, expected: dict[str, object], warned: list[tuple[int, str]]) -> None:
+    [entry] = parse(text)
+    assert entry == Entry("https://h/x", 1, **expected)  # type: ignore[arg-type]
+    assert [(w.line, w.option) for w in entry.warnings] == warned
+    assert all("more than once; the last one is used" in w.message for w in entry.warnings)
+
+
+def test_old_several_options_on_an_indented_line() -> None:
+    """aria2 reads the rest of the line as the value: fetcher too, but warns."""
+    [entry] = parse(f"https://h/x\n  out=x/a.bin md5={MD5}\n")
+    assert entry == Entry("https://h/x", 1, f"x/a.bin md5={MD5}")
+    assert entry.warnings == (ListWarning(2, "out", "the value of out= holds 'md5=': an indented line holds "
+                                          "one option, its value runs to the end of the line"),)
+    # When the value is then invalid, the reason says why.
+    [bad] = parse(f"https://h/x\n  md5={MD5}  sha256={SHA}\n")
+    assert bad == BadLine(2, f"md5={MD5}  sha256={SHA}", "bad md5 checksum: expected 32 hex digits (an indented "
+                          "line holds one option, its value runs to the end of the line)", "https://h/x")
+    # Words that are no option names do not warn.
+    [entry] = parse("https://h/x\n  header=Cookie: a=1 b=2\n")
+    assert entry.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("line", "url", "mirrors"),
+    [
+        ("https://a/x\thttps://b/x", "https://a/x", ("https://b/x",)),
+        ("https://a/x\thttps://b/x\t\thttp://c:8080/x?q=1\t", "https://a/x", ("https://b/x", "http://c:8080/x?q=1")),
+        ("https://a/x https://b/x", "https://a/x", ("https://b/x",)),
+        ("https://a/x  out=o  https://b/x?a=1&b=2", "https://a/x", ("https://b/x?a=1&b=2",)),
+        ("https://a/x\thttps://a/x", "https://a/x", ("https://a/x",)),  # kept as written
+        ("https://a/x referer=http://r/", "https://a/x", ()),  # a URL as a value is no mirror
+    ],
+)
+def test_mirrors(line: str, url: str, mirrors: tuple[str, ...]) -> None:
+    [entry] = parse(f"{line}\n")
+    assert isinstance(entry, Entry)
+    assert (entry.url, entry.mirrors) == (url, mirrors)
+    assert entry.urls == (url, *mirrors)
+    assert entry.warnings == ()
 
 
 def test_orphan_options() -> None:
@@ -191,18 +391,85 @@ def test_large_list_streams() -> None:
         Entry("https://h/a", 1, "%2e%2e/x", Checksum("sha256", SHA)),
         Entry("http://[::1]:8080/", 1, None, Checksum("md5", MD5)),
         Entry("https://h/a", 1, None, Checksum("blake2b", "ab" * 64)),
+        Entry("https://h/a", 1, None, Checksum("sha3_256", SHA)),
+        Entry("https://h/a", 1, "with spaces/in name.iso"),
+        Entry("https://h/a", 1, mirrors=("https://m/a", "http://n:81/a?b=c")),
+        Entry("https://h/a", 1, headers=(("A", "1"), ("A", "2 3"), ("B", ""))),
+        Entry("https://h/a", 1, referer="*", user_agent="x y/1", split=16),
+        Entry("https://h/a", 1, referer="", user_agent=""),
+        Entry("https://h/a", 1, "o", Checksum("sha1", "ab" * 20), ("https://m/a",), (("H", "v"),), "r", "u", 2),
+        Entry("https://h/a%20", 1, "d/a "),  # a default name ending in a space: written as dir=
     ],
 )
 def test_to_line_round_trip(entry: Entry) -> None:
-    assert list(parse_lines([entry.to_line()])) == [entry]
+    assert list(parse_lines(entry.to_line().splitlines())) == [entry]
+    assert list(parse_lines([line + "\n" for line in entry.to_line().split("\n")])) == [entry]
+
+
+def test_to_line_format() -> None:
+    entry = Entry("https://h/a", 1, "o/x.iso", Checksum("sha256", SHA), ("https://m/a",),
+                  (("Authorization", "Bearer x y"), ("X-Empty", "")), "https://r/", "ua 1", 4)
+    assert entry.to_line() == (
+        "https://h/a\thttps://m/a\n"
+        "  out=o/x.iso\n"
+        f"  checksum=sha-256={SHA}\n"
+        "  header=Authorization: Bearer x y\n"
+        "  header=X-Empty:\n"
+        "  referer=https://r/\n"
+        "  user-agent=ua 1\n"
+        "  split=4"
+    )
+    assert Entry("https://h/a", 1).to_line() == "https://h/a"
+    assert Entry("https://h/a", 1, checksum=Checksum("blake2s", SHA)).to_line() == f"https://h/a\n  blake2s={SHA}"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "written"),
+    [("md5", "checksum=md5"), ("sha1", "checksum=sha-1"), ("sha224", "checksum=sha-224"),
+     ("sha256", "checksum=sha-256"), ("sha384", "checksum=sha-384"), ("sha512", "checksum=sha-512"),
+     ("sha3_512", "sha3_512"), ("blake2b", "blake2b")],
+)
+def test_to_line_checksum_names(algorithm: str, written: str) -> None:
+    digest = hashlib.new(algorithm, b"x").hexdigest()
+    entry = Entry("https://h/a", 1, checksum=Checksum(algorithm, digest))
+    assert entry.to_line() == f"https://h/a\n  {written}={digest}"
+    assert list(parse_lines(entry.to_line().splitlines())) == [entry]
 
 
 def test_to_line_round_trip_from_parsed() -> None:
-    text = f"https://h/a\n dir=d\n checksum=SHA-1={'AB' * 20}\nhttps://h/b out=o\n"
-    for entry in parse(text):
-        assert isinstance(entry, Entry)
-        assert list(parse_lines([entry.to_line()], first_line=entry.line)) == [entry]
-    assert parse(text)[0].to_line() == f"https://h/a  out=d/a  sha1={'ab' * 20}"
+    text = (f"https://h/a\n dir=d\n checksum=SHA-1={'AB' * 20}\n  foo=bar\nhttps://h/b out=o\n"
+            "https://h/c\thttps://m/c\n  header=A: b c\n  referer=*\n  user-agent=u a\n  split=3\n  continue=true\n"
+            "https://h/d%20\n  dir=sub\n")
+    entries = [e for e in parse(text) if isinstance(e, Entry)]
+    assert len(entries) == 4
+    for entry in entries:
+        assert list(parse_lines(entry.to_line().splitlines(), first_line=entry.line)) == [entry]
+    assert entries[0].to_line() == f"https://h/a\n  out=d/a\n  checksum=sha-1={'ab' * 20}"
+    assert entries[0].warnings  # not written back, not compared
+    assert entries[3].out == "sub/d "
+    assert entries[3].to_line() == "https://h/d%20\n  dir=sub"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        Entry("https://h/a b", 1),
+        Entry("https://h/a", 1, mirrors=("https://m/a\n",)),
+        Entry("https://h/a", 1, mirrors=("not-a-url",)),
+        Entry("", 1),
+        Entry("https://h/a", 1, "x\ny"),
+        Entry("https://h/a", 1, " x"),
+        Entry("https://h/a", 1, "x "),  # not the URL's default name: cannot be written
+        Entry("https://h/a", 1, referer="a\nb"),
+        Entry("https://h/a", 1, user_agent=" padded"),
+        Entry("https://h/a", 1, headers=(("Bad Name", "v"),)),
+        Entry("https://h/a", 1, headers=(("A", "v\r\nX: y"),)),
+        Entry("https://h/a", 1, split=0),
+    ],
+)
+def test_to_line_refuses_what_cannot_be_written(entry: Entry) -> None:
+    with pytest.raises(ValueError):
+        entry.to_line()
 
 
 @pytest.mark.parametrize(
@@ -236,14 +503,25 @@ def test_parse_checksum_rejects_non_hex() -> None:
 
 def test_parse_inline() -> None:
     text = "  https://h/a\thttps://h/b?x=1  ftp://h/c\nnot-a-url https://h/a "
-    assert list(parse_inline(text)) == [
+    result = list(parse_inline(text))
+    assert result == [
         Entry("https://h/a", 1),
         Entry("https://h/b?x=1", 2),
         BadLine(3, "ftp://h/c", "unsupported scheme 'ftp'", None),
         BadLine(4, "not-a-url", "not a valid http(s) URL", None),
         Entry("https://h/a", 5),
     ]
+    assert [r.where for r in result] == ["URL 1", "URL 2", "URL 3", "URL 4", "URL 5"]
+    assert all(r.inline for r in result)
     assert list(parse_inline("   ")) == []
+
+
+def test_where() -> None:
+    assert [r.where for r in parse("https://h/a\nftp://x\n")] == ["line 1", "line 2"]
+    assert Entry("https://h/a", 0).where == ""
+    assert BadLine(7, "x", "r", None).where == "line 7"
+    assert BadLine(7, "x", "r", None, inline=True).where == "URL 7"
+    assert ListWarning(3, "foo", "m").where == "line 3"
 
 
 @pytest.mark.parametrize(
@@ -260,3 +538,222 @@ def test_entries_are_exactly_the_nameable_urls(url: str) -> None:
         assert isinstance(result, BadLine)
     else:
         assert result == Entry(url, 1)
+
+
+ARIA2_MANUAL = f"""\
+http://server/file.iso http://mirror/file.iso
+  dir=/iso_images
+  out=file.img
+http://foo/bar
+https://example.org/file
+  dir=/tmp
+  out=foo
+https://example.org/iso\thttps://mirror.example.org/iso
+  out=debian.iso
+  checksum=sha-1={'ab' * 20}
+  header=Accept: */*
+  header=X-Token: secret value
+  split=5
+  max-connection-per-server=2
+"""
+
+
+def test_aria2_manual_examples() -> None:
+    result = parse(ARIA2_MANUAL)
+    absolute = "dir= must be a relative path, taken under the store (FILES_STORE) (absolute path)"
+    assert result == [
+        BadLine(2, "dir=/iso_images", absolute, "http://server/file.iso"),
+        Entry("http://foo/bar", 4),
+        BadLine(6, "dir=/tmp", absolute, "https://example.org/file"),
+        Entry("https://example.org/iso", 8, "debian.iso", Checksum("sha1", "ab" * 20),
+              mirrors=("https://mirror.example.org/iso",), headers=(("Accept", "*/*"), ("X-Token", "secret value")),
+              split=5),
+    ]
+    assert result[-1].warnings == (
+        ListWarning(14, "max-connection-per-server",
+                    "aria2 option 'max-connection-per-server' is not supported by fetcher; ignored"),
+    )
+    # Without the absolute dir=, the first example downloads, with its mirror.
+    [first, second] = parse(ARIA2_MANUAL.replace("dir=/iso_images", "dir=iso_images").split("https://example")[0])
+    assert first == Entry("http://server/file.iso", 1, "iso_images/file.img", mirrors=("http://mirror/file.iso",))
+    assert second == Entry("http://foo/bar", 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # below an entry: the entry keeps its options, the URL gets its own entry
+        ("https://h/a\n  out=a\n  https://h/b\n  out=b\n", [Entry("https://h/a", 1, "a"), Entry("https://h/b", 3, "b")]),
+        # the entry above is complete and unaffected even if it has no options
+        ("https://h/a\n\thttps://h/b  out=b https://m/b\n",
+         [Entry("https://h/a", 1), Entry("https://h/b", 2, "b", mirrors=("https://m/b",))]),
+        # with no entry above
+        ("  https://h/b\n", [Entry("https://h/b", 1)]),
+        ("  out=x\n  https://h/b\n  out=b\n",
+         [BadLine(1, "out=x", "option without a URL above it", None), Entry("https://h/b", 2, "b")]),
+        # a bad indented URL is a bad line of its own, not the problem of the entry above
+        ("https://h/a\n  out=a\n  ftp://h/b\n  out=b\n",
+         [Entry("https://h/a", 1, "a"), BadLine(3, "ftp://h/b", "unsupported scheme 'ftp'", None),
+          BadLine(4, "out=b", "option without a URL above it", None)]),
+        # a URL with "=" in it is still a URL
+        ("https://h/a\n  http://h/b?x=1\n", [Entry("https://h/a", 1), Entry("http://h/b?x=1", 2)]),
+        # an option whose value is a URL is an option
+        ("https://h/a\n  referer=http://r/\n  header=Link: <http://l/>\n",
+         [Entry("https://h/a", 1, referer="http://r/", headers=(("Link", "<http://l/>"),))]),
+    ],
+)
+def test_indented_urls_are_entries(text: str, expected: list[Entry | BadLine]) -> None:
+    result = parse(text)
+    assert result == expected
+    for record in result:
+        raw = text.splitlines()[record.line - 1]
+        first = raw.split()[0]
+        if raw.startswith((" ", "\t")) and "://" in first.partition("=")[0]:
+            assert [w.option for w in record.warnings] == ["<indented-url>"]
+            assert "indented" in record.warnings[0].message
+        else:
+            assert all(w.option != "<indented-url>" for w in record.warnings)
+
+
+def test_every_url_gets_a_record() -> None:
+    text = "https://h/1\n  https://h/2\n\thttps://h/3 out=/bad\n   ftp://h/4\nhttps://h/5 foo=x\n  http://\n"
+    result = parse(text)
+    assert [r.line for r in result] == [1, 2, 3, 4, 5, 6]
+    assert [type(r).__name__ for r in result] == ["Entry", "Entry", "BadLine", "BadLine", "Entry", "BadLine"]
+
+
+LIST_BYTES = "\ufeffhttps://h/a\n  out=é.iso\r\n".encode() + b"https://h/b\n  out=b\xff\n ftp://x\n"
+
+
+def _parsed(lines: Iterable[str]) -> list[Entry | BadLine]:
+    return list(parse_lines(lines))
+
+
+EXPECTED = [Entry("https://h/a", 1, "é.iso"), Entry("https://h/b", 3, "b\ufffd"),
+            BadLine(5, "ftp://x", "unsupported scheme 'ftp'", None)]
+
+
+@pytest.mark.parametrize(
+    ("name", "compress"),
+    [("list.txt", False), ("list.txt.gz", True), ("list.GZ", True), ("list.txt", True), ("list", True),
+     ("list", False)],
+)
+def test_open_list(tmp_path: Path, name: str, compress: bool) -> None:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(LIST_BYTES) if compress else LIST_BYTES)
+    with open_list(path) as f:
+        assert _parsed(f) == EXPECTED
+    with open_list(str(path)) as f:
+        assert f.read().startswith("\ufeffhttps://h/a\n")
+
+
+def test_open_list_multi_member_and_empty(tmp_path: Path) -> None:
+    path = tmp_path / "l.gz"
+    path.write_bytes(gzip.compress(b"https://h/a\n") + gzip.compress(b"https://h/b\n"))
+    with open_list(path) as f:
+        assert [e.url for e in parse_lines(f) if isinstance(e, Entry)] == ["https://h/a", "https://h/b"]
+    for data in (b"", b"\x1f", b"h"):
+        (tmp_path / "e").write_bytes(data)
+        with open_list(tmp_path / "e") as f:
+            assert f.read() == data.decode("utf-8", "replace")
+    (tmp_path / "e.gz").write_bytes(gzip.compress(b""))
+    with open_list(tmp_path / "e.gz") as f:
+        assert f.read() == ""
+
+
+def test_open_list_bad_gzip_is_an_oserror(tmp_path: Path) -> None:
+    plain_named_gz = tmp_path / "plain.gz"
+    plain_named_gz.write_bytes(b"https://h/a\n")
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(gzip.compress(b"https://h/a\n" * 10_000)[:-100])
+    corrupt = tmp_path / "corrupt"
+    data = bytearray(gzip.compress(os.urandom(5000)))
+    data[100:110] = b"\0" * 10
+    corrupt.write_bytes(bytes(data))
+    for path in (plain_named_gz, truncated, corrupt):
+        with pytest.raises(OSError), open_list(path) as f:
+            for _ in f:
+                pass
+
+
+def test_open_list_closes_the_file(tmp_path: Path) -> None:
+    for data in (b"https://h/a\n", gzip.compress(b"https://h/a\n")):
+        path = tmp_path / "l"
+        path.write_bytes(data)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with open_list(path) as f:
+                f.readline()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+class _Trickle(io.RawIOBase):
+    """A stream with no peek, handing out one byte per read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._data:
+            return 0
+        buffer[0] = self._data[0]
+        self._data = self._data[1:]
+        return 1
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [io.BytesIO, lambda d: io.BufferedReader(io.BytesIO(d)), _Trickle, lambda d: io.BufferedReader(_Trickle(d), 1)],
+    ids=["BytesIO", "buffered", "trickle", "buffered-trickle"],
+)
+def test_text_lines(compress: bool, make: Callable[[bytes], IO[bytes]]) -> None:
+    stream = make(gzip.compress(LIST_BYTES) if compress else LIST_BYTES)
+    assert _parsed(text_lines(stream)) == EXPECTED
+    assert not stream.closed  # the caller's stream is left open
+    stream.close()
+
+
+def test_text_lines_empty_and_short() -> None:
+    assert list(text_lines(io.BytesIO(b""))) == []
+    assert list(text_lines(io.BytesIO(b"a"))) == ["a"]
+    assert list(text_lines(io.BufferedReader(io.BytesIO(b"\x1f")))) == ["\x1f"]
+
+
+def test_text_lines_peeks_without_consuming() -> None:
+    stream = io.BufferedReader(io.BytesIO(b"https://h/a\nhttps://h/b\n"))
+    lines = text_lines(stream)
+    assert next(lines) == "https://h/a\n"
+    lines.close()
+    assert not stream.closed
+
+
+def test_text_lines_streams_a_pipe() -> None:
+    """Each line is available as soon as it is written, as the spider needs for stdin."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "wb", buffering=0) as writer:
+        lines = text_lines(reader)
+        writer.write(b"https://h/1\n")
+        got = []
+        done = threading.Event()
+
+        def consume() -> None:
+            got.append(next(lines))
+            done.set()
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        assert done.wait(5), "the first line should not wait for more input"
+        assert got == ["https://h/1\n"]
+        writer.write(b"https://h/2\n")
+        writer.close()
+        assert list(lines) == ["https://h/2\n"]
+        thread.join()
+
+
+def test_text_lines_bad_gzip_is_an_oserror() -> None:
+    with pytest.raises(OSError):
+        list(text_lines(io.BytesIO(gzip.compress(b"https://h/a\n" * 1000)[:-20])))
