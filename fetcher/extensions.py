@@ -1,16 +1,14 @@
-"""Extensions that report how a run went, all fed by ``fetcher.signals.file_finished``:
-the manifest, the failed list, and the counts, stats and summary."""
+"""Extensions that report how a run went, fed by ``fetcher.signals.file_finished``:
+the progress display, and the counts, stats and summary. (The records, the
+manifest and failed.txt are the store's: see ``fetcher.records``.)"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from scrapy import signals
@@ -19,7 +17,6 @@ from tqdm import tqdm
 from twisted.internet.task import LoopingCall
 from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
-from fetcher.items import BAD_LINE
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -29,118 +26,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _EXAMPLES = 3  # example URLs per failure reason in the summary
-
-
-def _store_file(crawler: Crawler, setting: str, default_name: str) -> Path:
-    """Where a report goes: the setting, or *default_name* inside FILES_STORE."""
-    value = crawler.settings.get(setting) or getattr(defaults, setting)
-    if value:
-        return Path(value)
-    store = crawler.settings.get("FILES_STORE") or defaults.FILES_STORE
-    if "://" in str(store):  # a remote store: keep the reports in the working directory
-        return Path(default_name)
-    return Path(store) / default_name
-
-
-class Manifest:
-    """Writes one JSON line per URL as it ends (FETCHER_MANIFEST), flushed at once,
-    so a killed run still leaves an exact record of what it finished."""
-
-    def __init__(self, crawler: Crawler, path: Path) -> None:
-        self.path = path
-        self._file: IO[str] | None = None
-        self._ok = True  # the last write went through (a full disk is reported once)
-        crawler.signals.connect(self.open, signal=signals.spider_opened)
-        crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
-        crawler.signals.connect(self.close, signal=signals.spider_closed)
-
-    @classmethod
-    def from_crawler(cls, crawler: Crawler) -> Manifest:
-        return cls(crawler, _store_file(crawler, "FETCHER_MANIFEST", "manifest.jsonl"))
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8")
-
-    def write(self, record: FileRecord) -> None:
-        assert self._file is not None
-        self._ok = _append(self._file, json.dumps(record.manifest(), ensure_ascii=False) + "\n", self._ok)
-
-    def close(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):  # a full disk was reported already
-                self._file.close()
-
-
-def _append(file: IO[str], text: str, was_ok: bool) -> bool:
-    """Write and flush a report line; on a disk error say so once (not per line) and go on:
-    the run, its log and its summary matter more than one report line."""
-    try:
-        file.write(text)
-        file.flush()
-    except OSError as exc:
-        if was_ok:
-            logger.error("Cannot write %s: %s; its lines are missing until the disk has room",
-                         getattr(file, "name", "a report"), exc.strerror or exc)
-        return False
-    return True
-
-
-class FailedList:
-    """Writes the failures in the list format (FETCHER_FAILED_LIST), options
-    included, so ``-a list=downloads/failed.txt`` retries only those.
-
-    It is written beside its final name and renamed at the end, because the
-    run may be reading the previous failed.txt as its list.
-    """
-
-    def __init__(self, crawler: Crawler, path: Path) -> None:
-        self.path = path
-        self.stats = crawler.stats
-        self._tmp = path.with_name(path.name + ".tmp")
-        self._file: IO[str] | None = None
-        self._ok = True
-        self._count = 0
-        crawler.signals.connect(self.write, signal=fetcher_signals.file_finished)
-        crawler.signals.connect(self.close, signal=signals.spider_closed)
-
-    @classmethod
-    def from_crawler(cls, crawler: Crawler) -> FailedList:
-        return cls(crawler, _store_file(crawler, "FETCHER_FAILED_LIST", "failed.txt"))
-
-    def write(self, record: FileRecord) -> None:
-        if record.status != "failed":
-            return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self._tmp.open("w", encoding="utf-8")
-            self._file.write("# fetcher: the URLs that failed; rerun with -a list=" + str(self.path) + "\n")
-        # A bad line cannot be retried as it is: it is kept as a comment to fix by hand.
-        line = "" if record.reason == BAD_LINE else record.entry.to_line() + "\n"
-        self._ok = _append(self._file, f"# {record.error}\n{line}", self._ok)
-        self._count += 1
-
-    def close(self, reason: str) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):  # a full disk was reported already
-                self._file.close()
-        # fetch spider: only a list read to the end gave every entry a record; other spiders: a finished run.
-        listed = self.stats.get_value("fetcher/listed") is not None
-        complete = self.stats.get_value("fetcher/list_complete") if listed else reason == "finished"
-        if not complete:
-            # Entries never read have no record: the old list is still the better one.
-            self._tmp.unlink(missing_ok=True)
-            if self._count:
-                logger.warning("The run stopped before the end of its list; %s is left as it was", self.path)
-        elif self._file is not None:
-            os.replace(self._tmp, self.path)
-        else:  # nothing failed: an old list of failures would mislead
-            self.path.unlink(missing_ok=True)
+_MEASURABLE = 256 * 1024  # bytes per file under which a per-file rate measures latency, not the host
 
 
 class Summary:
-    """Counts every ending into the stats (``fetcher/<status>``, used for the exit
-    status) and logs a summary a person can read at a glance when the run ends."""
+    """Counts every ending into the stats (``fetcher/<status>``, a report) and logs
+    a summary a person can read at a glance when the run ends."""
 
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
@@ -192,10 +83,9 @@ class Summary:
             f"{self.counts['failed']} failed" + ("" if reason == "finished" else f" (run ended: {reason})"),
             f"  received {human_bytes(self.received)} at {human_bytes(self.received / elapsed)}/s",
         ]
-        slow = sorted(
-            (self.host_bytes[h] / max(self.host_time[h], 1e-9), h) for h in self.host_files
-        )[:3]
-        if len(self.host_files) > 1:
+        measurable = [h for h in self.host_files if self.host_bytes[h] >= _MEASURABLE * self.host_files[h]]
+        slow = sorted((self.host_bytes[h] / max(self.host_time[h], 1e-9), h) for h in measurable)[:3]
+        if len(measurable) > 1:  # one host, or tiny files, would say nothing
             lines.append("  slowest hosts: " + ", ".join(
                 f"{h} ({human_bytes(rate)}/s per file, {_files(self.host_files[h])})" for rate, h in slow
             ))

@@ -45,6 +45,10 @@ class FileRecord:
     reason: str | None = None  # short failure category for the summary: "HTTP 404", "stall timeout"
     received: int = 0  # bytes that came over the network in this run
     elapsed: float = 0.0  # seconds from the first attempt to the end
+    note: str | None = None  # why a file on disk was fetched again, or how one was found good
+    mtime_ns: int | None = None  # of the finished file, for the store's records
+    etag: str | None = None
+    last_modified: str | None = None
 
     @property
     def url(self) -> str:
@@ -59,17 +63,3 @@ class FileRecord:
         except ValueError:
             port = None
         return (parts.hostname or "(no host)") + (f":{port}" if port else "")
-
-    def manifest(self) -> dict[str, Any]:
-        failed = self.status == "failed"  # no file: no path, size or checksum to report
-        return {
-            "url": self.url,
-            "status": self.status,
-            "path": None if failed else self.path,
-            "size": None if failed else self.size,
-            "checksum": None if failed else self.checksum,
-            "algorithm": self.algorithm,
-            "http_status": self.http_status,
-            "attempts": self.attempts,
-            "error": self.error,
-        }

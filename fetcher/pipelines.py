@@ -2,17 +2,22 @@
 
 It keeps stock FilesPipeline's contract (``file_urls`` in, ``files`` out with
 ``url``/``path``/``checksum``/``status``), so any spider can use it; and it owns
-each file's whole life: skip it when it is complete already, resume its
-``.part``, retry with backoff while holding no concurrency slot, check the
-expected checksum, rename it into place, and tell the manifest how it ended.
+each file's whole life and the store's records: skip it when its record says it
+is complete (a stat, no read), resume its ``.part``, retry with backoff while
+holding no concurrency slot, check the expected checksum, rename it into place
+(or upload it to a remote store), and record how it ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,7 +33,7 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Request, Response
 from scrapy.http.request import NO_CALLBACK
-from scrapy.pipelines.files import FilesPipeline, FSFilesStore
+from scrapy.pipelines.files import FilesPipeline
 from scrapy.utils.asyncio import is_asyncio_available
 from scrapy.utils.misc import load_object
 from twisted.python.failure import Failure
@@ -37,10 +42,13 @@ from fetcher import settings as defaults
 from fetcher import signals
 from fetcher._scrapy_private import spider_closing
 from fetcher.backoff import Backoff, retry_after_seconds
+from fetcher.exceptions import StartupError
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
-from fetcher.items import FileRecord, run_key
+from fetcher.items import BAD_LINE, FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
-from fetcher.naming import resolve_in_store, url_to_path
+from fetcher.naming import url_to_path
+from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
+from fetcher.stores import S3Target, Target, target_for
 from fetcher.urllist import Entry
 from fetcher.writer import (
     BodyError,
@@ -49,8 +57,8 @@ from fetcher.writer import (
     LengthMismatch,
     ResumeMismatch,
     StorageError,
+    Validators,
     hash_file,
-    load_validators,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +72,8 @@ logger = logging.getLogger(__name__)
 ENTRY_META = "fetcher_entry"
 _END_CHECKS = 3  # Range requests that may confirm the end of a body that had no length
 _STOP_POLL = 0.5  # seconds: how soon a backoff notices that the run is being stopped
+_LOCK_POLL = 0.1  # seconds between tries for a path another process is writing
+_VERIFY_MODES = ("stat", "full")
 
 
 class _Outcome(Exception):
@@ -83,26 +93,45 @@ class _Outcome(Exception):
 class StreamingFilesPipeline(FilesPipeline):
     """FilesPipeline whose bodies go socket → hashing writer → ``<path>.part`` → ``<path>``.
 
-    Needs :class:`fetcher.handlers.StreamingDownloadHandler` for http/https and
-    a local FILES_STORE. Settings: see ``fetcher/settings.py`` (``FETCHER_*``)
-    and RETRY_TIMES / RETRY_HTTP_CODES / RETRY_EXCEPTIONS, which it applies itself.
+    Needs :class:`fetcher.handlers.StreamingDownloadHandler` for http/https,
+    and a FILES_STORE that is a local folder or ``s3://``. Settings: see
+    ``fetcher/settings.py`` (``FETCHER_*``) and RETRY_TIMES / RETRY_HTTP_CODES /
+    RETRY_EXCEPTIONS, which it applies itself. A pipeline that cannot work stops
+    the run (StartupError) rather than being disabled.
     """
 
     LOG_FAILED_RESULTS = False  # one readable line per failure is logged instead
 
     def __init__(self, store_uri: str | PathLike[str], *, crawler: Crawler) -> None:
-        super().__init__(store_uri, crawler=crawler)
-        if not isinstance(self.store, FSFilesStore):
-            raise NotConfigured(f"{type(self).__name__} streams to a local FILES_STORE, not {store_uri}")
+        try:
+            super().__init__(store_uri, crawler=crawler)
+        except NotConfigured as exc:  # stock disables itself quietly; a downloader that does nothing is worse
+            hint = "; pip install boto3" if str(store_uri).startswith("s3://") else ""
+            raise StartupError(f"FILES_STORE={store_uri!r} cannot be used: {exc}{hint}") from exc
+        except (KeyError, ValueError) as exc:  # an unknown scheme, an s3:// URI with no bucket
+            raise StartupError(f"FILES_STORE={store_uri!r} is not a store fetcher can use: {exc}") from exc
         if not is_asyncio_available():
-            raise NotConfigured(f"{type(self).__name__} needs the asyncio reactor")
+            raise StartupError(f"{type(self).__name__} needs the asyncio reactor (TWISTED_REACTOR)")
         s = crawler.settings
-        self.store_dir = Path(self.store.basedir)
+        self.target: Target = target_for(self.store, str(store_uri), s)
+        self.verify = str(s.get("FETCHER_VERIFY", defaults.FETCHER_VERIFY)).lower()
+        if self.verify not in _VERIFY_MODES:
+            raise StartupError(f"FETCHER_VERIFY must be one of {', '.join(_VERIFY_MODES)}, not {self.verify!r}")
+        state = s.get("FETCHER_STATE_DIR", defaults.FETCHER_STATE_DIR)
+        self.state_dir = Path(state) if state else self.target.state_default
+        self.manifest_path = Path(s.get("FETCHER_MANIFEST") or self.target.reports_default / "manifest.jsonl")
+        self.failed_path = Path(s.get("FETCHER_FAILED_LIST") or self.target.reports_default / "failed.txt")
+        self.run_id = new_run_id()
+        self.records: RecordStore | None = None
+        self.locks: PathLocks | None = None
         self.algorithm: str = s.get("FETCHER_ALGORITHM", defaults.FETCHER_ALGORITHM)
-        hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
+        try:
+            hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
+        except ValueError as exc:
+            raise StartupError(f"FETCHER_ALGORITHM={self.algorithm!r} is not a hashlib algorithm") from exc
         self.layout: str = s.get("FETCHER_LAYOUT", defaults.FETCHER_LAYOUT)
         if self.layout not in ("url", "hash"):
-            raise ValueError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
+            raise StartupError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
         self.max_size = s.getint("FETCHER_MAX_SIZE", defaults.FETCHER_MAX_SIZE)
         self.resume = s.getbool("FETCHER_RESUME", defaults.FETCHER_RESUME)
         self.revalidate = s.getbool("FETCHER_REVALIDATE", defaults.FETCHER_REVALIDATE)
@@ -120,6 +149,61 @@ class StreamingFilesPipeline(FilesPipeline):
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
         # Which URL each path of this run belongs to (hashes: ~100 bytes a file on huge lists).
         self._claims: dict[int, int] = {}
+        crawler.signals.connect(self.store_record, signal=signals.file_finished)
+
+    # -- the run
+
+    async def open_spider(self, spider: Any = None) -> None:
+        super().open_spider(spider)
+        if isinstance(self.target, S3Target):
+            await asyncio.to_thread(self.target.check)
+        try:
+            store_dir = None if self.target.remote else self.target.basedir  # type: ignore[union-attr]
+            self.records = await asyncio.to_thread(
+                RecordStore.open, self.state_dir, self.manifest_path, self.failed_path, store_dir)
+            self.locks = PathLocks(self.state_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
+
+    async def close_spider(self, spider: Any = None) -> None:
+        """Leave the records true for the next run: the manifest with one line per
+        URL, failed.txt with the store's failures, a remote store's manifest uploaded."""
+        records = self.records
+        if records is None:
+            return
+        self.records = None
+        try:
+            await asyncio.to_thread(records.compact)
+            count = await asyncio.to_thread(
+                records.write_failed_list,
+                f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n"
+                f"# Retry them with: scrapy crawl fetch -a list={self.failed_path}\n")
+            if count:
+                logger.info("%d URLs of this store are failed; retry them with -a list=%s", count, self.failed_path)
+            if isinstance(self.target, S3Target) and self.manifest_path.exists():
+                try:
+                    await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
+                except Exception as exc:  # noqa: BLE001 - the local manifest is still complete
+                    logger.error("Cannot upload the manifest to %s: %s", self.target.describe(), exc)
+        finally:
+            records.close()
+            if self.locks is not None:
+                self.locks.close()
+
+    def store_record(self, record: FileRecord) -> None:
+        """Every URL's end (this pipeline's files and the spider's bad lines) becomes its current record."""
+        if self.records is None:
+            return
+        entry = None if record.reason == BAD_LINE else record.entry.to_line()
+        has_file = record.status != "failed"
+        self.records.put(StoredRecord(
+            url=record.url, status=record.status, path=record.path if has_file else None,
+            size=record.size if has_file else None, mtime_ns=record.mtime_ns if has_file else None,
+            checksum=record.checksum if has_file else None, algorithm=record.algorithm,
+            http_status=record.http_status, attempts=record.attempts, error=record.error, note=record.note,
+            etag=record.etag, last_modified=record.last_modified, run=self.run_id, finished_at=utc_now(),
+            entry=entry,
+        ))
 
     # -- stock FilesPipeline hooks
 
@@ -180,7 +264,10 @@ class StreamingFilesPipeline(FilesPipeline):
             future = asyncio.get_running_loop().create_future()
             self._inflight[path] = (entry.url, future)
             try:
-                record = await self._fetch(request, entry, path)
+                async with self._owning(path):
+                    record = await self._fetch(request, entry, path)
+            except _Outcome as outcome:  # stopped while another process had the file
+                record = FileRecord(entry, "failed", error=str(outcome), reason=outcome.reason)
             except Exception as exc:  # a bug must not lose the record
                 logger.exception("Unexpected error fetching %s", entry.url)
                 record = FileRecord(entry, "failed", error=f"internal error: {exc!r}", reason="internal error")
@@ -190,10 +277,29 @@ class StreamingFilesPipeline(FilesPipeline):
         self._finished(record)
         return record
 
+    @contextlib.asynccontextmanager
+    async def _owning(self, path: str) -> AsyncIterator[None]:
+        """Be the only process writing *path*: another fetcher on the same store
+        that has it is waited for (it may finish it: the records then say so)."""
+        assert self.locks is not None
+        waited = False
+        while not self.locks.try_acquire(path):
+            if not waited:
+                logger.debug("Waiting for another process writing %s", path)
+                waited = True
+            if spider_closing(self.crawler):
+                raise _Outcome(f"the run was stopped while another process was writing {path}",
+                               reason="stopped", retryable=False)
+            await asyncio.sleep(_LOCK_POLL)
+        try:
+            yield
+        finally:
+            self.locks.release(path)
+
     async def _fetch(self, request: Request, entry: Entry, path: str) -> FileRecord:
         started = time.monotonic()
         try:
-            final = resolve_in_store(self.store_dir, path)
+            final = self.target.local_path(path)
         except ValueError as exc:
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
         algorithms: tuple[str, ...] = (self.algorithm,)
@@ -207,11 +313,10 @@ class StreamingFilesPipeline(FilesPipeline):
         free_checks = _END_CHECKS
         last: _Outcome | None = None
         try:
-            if final.is_file():
-                if await self._uptodate(final, algorithms, record):
-                    if not (self.revalidate and (validators := load_validators(final, entry.url))):
-                        return record
-                    conditional = validators.conditional()
+            if await self._uptodate(request, final, algorithms, record):
+                if not (self.revalidate and (record.etag or record.last_modified)):
+                    return record
+                conditional = Validators(entry.url, record.etag, record.last_modified).conditional()
             while True:
                 record.attempts += 1
                 try:
@@ -221,6 +326,8 @@ class StreamingFilesPipeline(FilesPipeline):
                         record.http_status = 304
                         return record  # _uptodate filled it in
                     self._complete(response, writer, record)
+                    if isinstance(self.target, S3Target):
+                        await self._upload(writer.final, record)
                     return record
                 except _Outcome as outcome:
                     writer.close()
@@ -255,20 +362,119 @@ class StreamingFilesPipeline(FilesPipeline):
             writer.close()
             record.elapsed = time.monotonic() - started
 
-    async def _uptodate(self, final: Path, algorithms: tuple[str, ...], record: FileRecord) -> bool:
-        """A file already at its final name is complete (only complete files get
-        there); it counts as up to date unless it fails the list's checksum."""
+    async def _uptodate(self, request: Request, final: Path, algorithms: tuple[str, ...],
+                        record: FileRecord) -> bool:
+        """Whether this URL's file is complete in the store already: the one place that decides.
+
+        A file this store recorded is up to date while its size and mtime are
+        the recorded ones (a stat; FETCHER_VERIFY=full re-hashes it too) and it
+        matches the list's checksum. A file with no record of this URL (another
+        tool's, or a lost record) is trusted only when it matches the list's
+        checksum or, without one, the server's size and Last-Modified (HEAD).
+        Fills *record* when it is; sets ``record.note`` when a file is replaced.
+        """
+        assert self.records is not None
+        prior = self.records.lookup(record.url)
+        if prior is not None and not (prior.has_file and prior.path == record.path):
+            prior = None
+        if isinstance(self.target, S3Target):
+            return await self._uptodate_remote(prior, record)
         try:
-            size, digests = await asyncio.to_thread(hash_file, final, algorithms)
+            st = os.stat(final)
+        except OSError:
+            if prior is not None:
+                record.note = f"{record.path} was recorded by run {prior.run} but is missing; fetched again"
+            return False
+        expected = record.entry.checksum
+        digests: dict[str, str] = {}
+        if prior is not None:
+            if (st.st_size, st.st_mtime_ns) != (prior.size, prior.mtime_ns):
+                return self._replace(record, f"{record.path} changed on disk since run {prior.run} recorded it "
+                                             f"({_differences(st, prior)}); fetched again")
+            assert prior.algorithm is not None and prior.checksum is not None
+            digests[prior.algorithm] = prior.checksum
+            if self.verify == "full" or any(a not in digests for a in algorithms):
+                _, found = await self._hash(final, tuple({*algorithms, prior.algorithm}))
+                if found[prior.algorithm] != prior.checksum:
+                    return self._replace(record, f"{record.path} does not match the {prior.algorithm} recorded by "
+                                                 f"run {prior.run} (found {found[prior.algorithm]}); fetched again")
+                digests = found
+            record.etag, record.last_modified = prior.etag, prior.last_modified
+        elif expected is not None:
+            _, digests = await self._hash(final, algorithms)
+            record.note = f"found on disk without a record; it matches the list's {expected.algorithm}"
+        else:
+            why = await self._server_disagrees(request, st, record)
+            if why:
+                return self._replace(record, f"{record.path} was on disk without a record and {why}; fetched again")
+            _, digests = await self._hash(final, algorithms)
+            record.note = "found on disk without a record; its size and date match the server's"
+        if expected and digests[expected.algorithm] != expected.hexdigest:
+            logger.warning("%s is on disk but does not match %s; downloading it again", final, expected)
+            record.note = f"{record.path} did not match the list's {expected.algorithm}; fetched again"
+            return False
+        record.status, record.size, record.checksum = "uptodate", st.st_size, digests[self.algorithm]
+        record.mtime_ns = st.st_mtime_ns
+        return True
+
+    async def _uptodate_remote(self, prior: StoredRecord | None, record: FileRecord) -> bool:
+        """A remote object is up to date when a HEAD shows the size and digest fetcher stored with it."""
+        assert isinstance(self.target, S3Target) and record.path is not None
+        try:
+            found = await asyncio.to_thread(self.target.head, record.path)
+        except Exception as exc:  # noqa: BLE001 - a store that cannot answer: fetch and upload again
+            logger.warning("Cannot check %s in %s: %s", record.path, self.target.describe(), exc)
+            return False
+        expected = record.entry.checksum
+        if found is None or found.checksum is None or found.algorithm != self.algorithm:
+            if prior is not None:
+                record.note = f"{record.path} was recorded by run {prior.run} but is missing from the store; fetched again"
+            return False
+        if prior is not None and (prior.size, prior.checksum) != (found.size, found.checksum):
+            return self._replace(record, f"{record.path} in the store is not the object run {prior.run} recorded; "
+                                         "fetched again")
+        if expected is not None and (expected.algorithm != found.algorithm or expected.hexdigest != found.checksum):
+            return self._replace(record, f"{record.path} in the store does not match the list's checksum; fetched again")
+        if prior is not None:
+            record.etag, record.last_modified = prior.etag, prior.last_modified
+        record.status, record.size, record.checksum = "uptodate", found.size, found.checksum
+        return True
+
+    @staticmethod
+    def _replace(record: FileRecord, note: str) -> bool:
+        logger.warning("%s", note)
+        record.note = note
+        return False
+
+    async def _hash(self, final: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
+        try:
+            return await asyncio.to_thread(hash_file, final, algorithms)
         except OSError as exc:
             raise _Outcome(f"cannot read {final}: {exc.strerror or exc}", reason="disk error",
                            retryable=False) from exc
-        expected = record.entry.checksum
-        if expected and digests[expected.algorithm] != expected.hexdigest:
-            logger.warning("%s is on disk but does not match %s; downloading it again", final, expected)
-            return False
-        record.status, record.size, record.checksum = "uptodate", size, digests[self.algorithm]
-        return True
+
+    async def _server_disagrees(self, request: Request, st: os.stat_result, record: FileRecord) -> str | None:
+        """Ask the server (HEAD) whether a file found on disk is its current file:
+        the same length, and not older than its Last-Modified. Returns why not."""
+        head = request.replace(method="HEAD", headers={**request.headers.to_unicode_dict(),
+                                                       "Accept-Encoding": "identity"},
+                               meta={**request.meta, "dont_retry": True})
+        try:
+            response = await self.crawler.engine.download_async(head)
+        except Exception as exc:  # noqa: BLE001 - cannot ask: fetch it
+            return f"the server could not be asked ({exc})"
+        length = response.headers.get("Content-Length")
+        if response.status != 200 or length is None or not length.strip().isdigit():
+            return f"the server's HEAD gave HTTP {response.status} with no length to compare"
+        if int(length) != st.st_size:
+            return f"its size ({st.st_size}) is not the server's ({int(length)})"
+        modified = (response.headers.get("Last-Modified") or b"").decode("latin-1")
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+            if modified and parsedate_to_datetime(modified).timestamp() > st.st_mtime + 1:
+                return "the server's copy is newer"
+        record.etag = (response.headers.get("ETag") or b"").decode("latin-1") or None
+        record.last_modified = modified or None
+        return None
 
     async def _prepare(self, writer: HashingWriter) -> None:
         try:
@@ -345,11 +551,35 @@ class StreamingFilesPipeline(FilesPipeline):
                 reason="checksum mismatch", retryable=False, http_status=status, keep_part=False,
             )
         try:
-            writer.commit()
+            st = writer.commit()
         except BodyError as exc:
             raise _Outcome(str(exc), reason=_reason(exc), retryable=False, http_status=status,
                            keep_part=False) from exc
         record.status, record.size, record.checksum = "downloaded", writer.size, digests[self.algorithm]
+        record.mtime_ns = st.st_mtime_ns
+        if writer.validators is not None:
+            record.etag, record.last_modified = writer.validators.etag, writer.validators.last_modified
+
+    async def _upload(self, local: Path, record: FileRecord) -> None:
+        """Upload a verified file from the spool; retried with backoff, and never
+        recorded as downloaded unless the store took it. The spool copy goes either way."""
+        assert isinstance(self.target, S3Target) and record.path and record.checksum and record.size is not None
+        try:
+            for attempt in range(1, self.retry_times + 2):
+                try:
+                    await asyncio.to_thread(self.target.upload, local, record.path, record.size,
+                                            self.algorithm, record.checksum)
+                    return
+                except Exception as exc:  # noqa: BLE001 - botocore and s3transfer raise many kinds
+                    if attempt > self.retry_times or spider_closing(self.crawler):
+                        record.status, record.reason = "failed", "upload failed"
+                        record.error = f"upload to {self.target.describe()} failed: {exc}"
+                        return
+                    logger.debug("Retrying the upload of %s (attempt %d): %s", record.path, attempt + 1, exc)
+                    await self._wait(self.backoff.delay(attempt))
+        finally:
+            with contextlib.suppress(OSError):
+                local.unlink()
 
     def _finished(self, record: FileRecord) -> None:
         if record.status == "failed":
@@ -381,3 +611,13 @@ def _reason(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return reason
     return type(exc).__name__
+
+
+def _differences(st: os.stat_result, prior: StoredRecord) -> str:
+    """What a stat shows changed in a recorded file, for the record's note."""
+    found = []
+    if st.st_size != prior.size:
+        found.append(f"{st.st_size} bytes, recorded {prior.size}")
+    if st.st_mtime_ns != prior.mtime_ns:
+        found.append("another modification time")
+    return ", ".join(found)

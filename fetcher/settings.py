@@ -35,12 +35,10 @@ DOWNLOAD_HANDLERS = {
 }
 DOWNLOADER_MIDDLEWARES = {"fetcher.middlewares.RedirectGuardMiddleware": 650}  # before RedirectMiddleware (600)
 ITEM_PIPELINES = {"fetcher.pipelines.StreamingFilesPipeline": 1}
-FILES_STORE = "downloads"  # relative to the working directory
+FILES_STORE = "downloads"  # relative to the working directory, or s3://bucket/prefix (AWS_* settings)
 EXTENSIONS = {
     "scrapy.extensions.logstats.LogStats": None,  # replaced by fetcher's progress lines
     "fetcher.extensions.Progress": 90,  # first: its bar is closed before the summary prints
-    "fetcher.extensions.Manifest": 100,
-    "fetcher.extensions.FailedList": 105,
     "fetcher.extensions.Summary": 110,
 }
 
@@ -54,8 +52,14 @@ STATS_DUMP = False  # the summary says it in five lines; -s STATS_DUMP=True for 
 # --- fetcher's own settings ------------------------------------------------------
 FETCHER_ALGORITHM = "sha256"  # hashlib name of the digest in the manifest and `files`
 FETCHER_LAYOUT = "url"  # "url": <host>/<url path>; "hash": stock FilesPipeline's full/<sha1>.<ext>
-FETCHER_MANIFEST = ""  # JSON Lines record per URL; "" means <FILES_STORE>/manifest.jsonl
-FETCHER_FAILED_LIST = ""  # failures in list format; "" means <FILES_STORE>/failed.txt
+# The store's records (one current record per URL, across runs) live in an SQLite
+# index in the state folder; manifest.jsonl and failed.txt are written from it.
+FETCHER_STATE_DIR = ""  # "": <FILES_STORE>/.fetcher, or for a remote store ~/.local/state/fetcher/<store>
+FETCHER_MANIFEST = ""  # one JSON line per URL; "": manifest.jsonl in FILES_STORE (remote: in the state folder)
+FETCHER_FAILED_LIST = ""  # the store's failures in list format; "": failed.txt beside the manifest
+FETCHER_VERIFY = "stat"  # finished files: "stat" compares size and mtime with the record; "full" re-hashes them
+FETCHER_SPOOL = ""  # remote stores: where bodies are written before upload; "": <tmp>/fetcher-spool/<store>
+FETCHER_MULTIPART_THRESHOLD = 8 * 1024 * 1024  # remote stores: larger files are uploaded in parts of this size
 FETCHER_MAX_SIZE = 0  # bytes; a larger file fails (0: no cap)
 FETCHER_MAX_PENDING = 1000  # list entries in progress at once, at least 2 x CONCURRENT_REQUESTS (bounds memory)
 FETCHER_RESUME = True  # continue a .part file with Range/If-Range instead of starting over

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 PART_SUFFIX = ".part"
-XATTR = "user.fetcher.validators"  # ETag/Last-Modified of a finished file, for revalidation
 META_SUFFIX = ".part.meta"
 _READ_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -66,17 +65,23 @@ class StorageError(BodyError):
 
 @dataclass(frozen=True, slots=True)
 class Validators:
-    """What identifies the version of a partial body, for ``If-Range``."""
+    """What identifies the version of a body, for ``If-Range`` and revalidation.
+
+    ``length`` is the whole file's length as first announced: a later part
+    that belongs to a file of another length is another file, whatever its
+    ETag says, and is never spliced onto this one."""
 
     url: str
     etag: str | None = None
     last_modified: str | None = None
+    length: int | None = None
 
     def changed(self, other: Validators) -> bool:
         """Whether *other* names another version (a validator both sides have differs)."""
         return bool(
             (self.etag and other.etag and self.etag != other.etag)
             or (self.last_modified and other.last_modified and self.last_modified != other.last_modified)
+            or (self.length is not None and other.length is not None and self.length != other.length)
         )
 
     def conditional(self) -> dict[str, str]:
@@ -176,18 +181,22 @@ class HashingWriter:
         if status not in (200, 206):
             return False
         total = _header_int(headers, "Content-Length")
-        validators = self._validators_of(headers)
         if status == 206:
             start, total = _content_range(headers)
+            validators = self._validators_of(headers, total)
             if start != self.offset:
                 raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
             if self.validators is None or self.validators.changed(validators):
-                raise ResumeMismatch("the file changed on the server since the first part was fetched")
+                raise ResumeMismatch("the file changed on the server since the first part was fetched "
+                                     f"(now {total if total is not None else 'unknown'} bytes, "
+                                     f"first announced {self.validators.length if self.validators else 'unknown'})")
             # A 206 need not repeat every validator: keep the ones it left out.
             validators = Validators(self.url, validators.etag or self.validators.etag,
-                                    validators.last_modified or self.validators.last_modified)
+                                    validators.last_modified or self.validators.last_modified,
+                                    self.validators.length if total is None else total)
             self.resumed_from = start
         else:  # a full body: whatever was kept is replaced
+            validators = self._validators_of(headers, total)
             self.resumed_from = 0
             self._reset_hashes()
         self.expected_size = total
@@ -238,11 +247,11 @@ class HashingWriter:
             and bool(self.offset)
             and value.strip() == f"bytes */{self.offset}"
             and self.validators is not None
-            and not self.validators.changed(self._validators_of(headers))
+            and not self.validators.changed(self._validators_of(headers, self.offset))
         )
 
-    def _validators_of(self, headers: HeadersLike) -> Validators:
-        return Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"))
+    def _validators_of(self, headers: HeadersLike, length: int | None = None) -> Validators:
+        return Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"), length)
 
     # -- after the request, owned by the pipeline
 
@@ -258,8 +267,10 @@ class HashingWriter:
                 self._hashed = -1
             self._file = None
 
-    def commit(self) -> None:
-        """Move the complete body to its final name (atomic on one filesystem)."""
+    def commit(self) -> os.stat_result:
+        """Move the complete body to its final name (atomic on one filesystem),
+        give it the server's Last-Modified as mtime (as ``wget -N`` and
+        ``curl -R`` do), and return its stat for the records."""
         try:
             if self._file is None:  # a .part found complete: reopen it only to fsync it
                 if self.fsync:
@@ -275,8 +286,14 @@ class HashingWriter:
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
         self.meta.unlink(missing_ok=True)
-        if self.validators is not None:
-            save_validators(self.final, self.validators)
+        if self.validators is not None and self.validators.last_modified:
+            with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+                when = parsedate_to_datetime(self.validators.last_modified).timestamp()
+                os.utime(self.final, (time.time(), when))
+        try:
+            return os.stat(self.final)
+        except OSError as exc:
+            raise StorageError(self.final, exc) from exc
 
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
@@ -294,33 +311,13 @@ class HashingWriter:
     def _read_meta(self) -> Validators | None:
         try:
             data = json.loads(self.meta.read_text(encoding="utf-8"))
-            return Validators(data["url"], data.get("etag"), data.get("last_modified"))
+            return Validators(data["url"], data.get("etag"), data.get("last_modified"), data.get("length"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def _write_meta(self, v: Validators) -> None:
-        record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified}
+        record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length}
         self.meta.write_text(json.dumps(record), encoding="utf-8")
-
-
-def save_validators(path: Path, v: Validators) -> None:
-    """Remember a finished file's validators (an extended attribute) and give it
-    the server's Last-Modified as mtime, as ``wget -N`` and ``curl -R`` do."""
-    if v.last_modified:
-        with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
-            when = parsedate_to_datetime(v.last_modified).timestamp()
-            os.utime(path, (time.time(), when))
-    record = json.dumps({"etag": v.etag, "last_modified": v.last_modified}).encode()
-    with contextlib.suppress(OSError, AttributeError):  # no xattrs here: revalidation refetches
-        os.setxattr(path, XATTR, record)
-
-
-def load_validators(path: Path, url: str) -> Validators | None:
-    try:
-        data = json.loads(os.getxattr(path, XATTR))
-    except (OSError, AttributeError, ValueError):
-        return None
-    return Validators(url, data.get("etag"), data.get("last_modified"))
 
 
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:

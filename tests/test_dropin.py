@@ -22,7 +22,7 @@ class Catalogue(scrapy.Spider):
             "http": "fetcher.handlers.StreamingDownloadHandler",
             "https": "fetcher.handlers.StreamingDownloadHandler",
         },
-        "EXTENSIONS": {"fetcher.extensions.Manifest": 100},
+        "EXTENSIONS": {"fetcher.extensions.Summary": 110},
         "FILES_STORE": "store",
     }
 

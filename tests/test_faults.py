@@ -485,6 +485,8 @@ def test_closespider_timeout_ends_the_run(fetch: Fetch, origin: Origin) -> None:
     started = time.monotonic()
     run = fetch(listing, settings={"CLOSESPIDER_TIMEOUT": 1, "CONCURRENT_REQUESTS": 2}, timeout=60)
     assert time.monotonic() - started < 30
-    assert run.returncode == 1 and "closespider_timeout" in run.log
+    assert "closespider_timeout" in run.log
     assert len(run.manifest) == 6  # the ones never started are recorded as stopped
     assert {r["status"] for r in run.manifest} <= {"downloaded", "failed"}
+    # The exit status follows the records, whatever the finish reason.
+    assert run.returncode == (1 if any(r["status"] == "failed" for r in run.manifest) else 0)

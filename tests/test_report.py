@@ -118,16 +118,25 @@ def test_summary_failed_list_and_rerun_of_failures(fetch: Fetch, origin: Origin,
     assert " DEBUG: " not in run.log and "Traceback" not in run.log
 
     failed = (run.store / "failed.txt").read_text()
-    assert f"{u}/gen/1k/bad.bin  out=kept/bad.bin  sha256={'a' * 64}" in failed  # options kept
+    assert f"{u}/gen/1k/bad.bin\n  out=kept/bad.bin\n  checksum=sha-256={'a' * 64}\n" in failed  # options kept
     assert "# line 6: unsupported scheme 'htp': htp:/typo" in failed
     origin.reset_stats()
     second_origin.reset_stats()
+    first = {r["url"]: r for r in run.manifest}
     rerun = fetch(None, "-a", "list=downloads/failed.txt")
     assert rerun.returncode == 1
-    assert sorted(r["url"] for r in rerun.manifest) == sorted(
-        [f"{u}/status/404", f"{u}/gen/1k/missing.bin?fail=404:0", f"{u}/gen/1k/bad.bin"])
+    assert "3 URLs in" in rerun.log  # only the failures were tried again
     assert origin.stats.hits_by_path["/gen/4m/ok1.bin"] == 0 and second_origin.stats.hits == 0
-    # The list it read was replaced only at the end, with what failed this time.
+    # The store keeps every URL's current record: the rerun's three, and the first run's others as they were.
+    records = {r["url"]: r for r in rerun.manifest}
+    assert set(records) == set(first) and len(rerun.manifest) == 6
+    retried = {f"{u}/status/404", f"{u}/gen/1k/missing.bin?fail=404:0", f"{u}/gen/1k/bad.bin"}
+    for url, record in records.items():
+        if url in retried:
+            assert record["run"] != first[url]["run"] and record["finished_at"] > first[url]["finished_at"]
+        else:
+            assert record == first[url]
+    # The list it read was replaced at the end, with the store's failures.
     assert (run.store / "failed.txt").read_text().count("\nhttp") == 3
 
 

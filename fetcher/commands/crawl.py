@@ -1,20 +1,33 @@
 """``scrapy crawl`` that exits non-zero when a download failed.
 
 Stock ``scrapy crawl`` exits 0 even when every download failed; a script or CI
-job running fetcher needs to know. Exit status: 0 when the run finished and no
-URL failed, 1 otherwise (failures, a bad list, an interrupted run).
+job running fetcher needs to know. Exit status: 0 when every URL of the run
+ended well (and, for the fetch spider, its whole list was read; for other
+spiders, the run finished), 1 otherwise (failures, a bad list, an interrupted
+run, a component that could not start). It counts the records as they are sent
+(``fetcher.signals.file_finished``), not stats, so no extension setting can
+turn failures into success.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from scrapy import signals
 from scrapy.commands.crawl import Command as ScrapyCrawlCommand
 from scrapy.exceptions import UsageError
 
+from fetcher import signals as fetcher_signals
+from fetcher.exceptions import StartupError
+
 if TYPE_CHECKING:
     import argparse
+
+    from fetcher.items import FileRecord
+
+logger = logging.getLogger(__name__)
 
 
 class _StartupChatter(logging.Filter):
@@ -23,6 +36,30 @@ class _StartupChatter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or not str(record.msg).startswith(("Enabled ", "Overridden settings"))
+
+
+class _Outcome:
+    """Whether every URL of the run ended well, from the records themselves."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.startup_error = False
+        self.reason: str | None = None
+
+    def record(self, record: FileRecord) -> None:
+        self.failed += record.status == "failed"
+
+    def closed(self, reason: str) -> None:
+        self.reason = reason
+
+    def crawl_done(self, task: asyncio.Future[Any]) -> None:
+        """Say why a crawl could not start in one line, without a traceback, when it is ours."""
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, StartupError):
+            self.startup_error = True
+            logger.error("Cannot start: %s", exc)
+        elif exc is not None:
+            logger.error("The crawl could not start", exc_info=exc)
 
 
 class Command(ScrapyCrawlCommand):
@@ -41,11 +78,17 @@ class Command(ScrapyCrawlCommand):
                 check(**opts.spargs)
             except ValueError as exc:
                 raise UsageError(str(exc), print_help=False) from exc
-        self.crawler_process.crawl(crawler, **opts.spargs)
+        outcome = _Outcome()
+        crawler.signals.connect(outcome.record, signal=fetcher_signals.file_finished, weak=False)
+        crawler.signals.connect(outcome.closed, signal=signals.spider_closed, weak=False)
+        task = self.crawler_process.crawl(crawler, **opts.spargs)
+        if isinstance(task, asyncio.Future):
+            task.add_done_callback(outcome.crawl_done)
         self.crawler_process.start()
-        if self.crawler_process.bootstrap_failed:
+        if self.crawler_process.bootstrap_failed or outcome.startup_error:
             self.exitcode = 1
             return
-        stats = crawler.stats
-        if stats.get_value("finish_reason") != "finished" or stats.get_value("fetcher/failed", 0):
+        complete = getattr(crawler.spider, "list_complete", None)
+        finished = complete if complete is not None else outcome.reason == "finished"
+        if not finished or outcome.failed:
             self.exitcode = 1

@@ -5,15 +5,16 @@
     scrapy crawl fetch -a list=https://h/l.txt # a list fetched over HTTP (Scrapyd)
     scrapy crawl fetch -a urls="URL URL ..."   # inline
 
-The list is read lazily, and no more than FETCHER_MAX_PENDING entries are in
-progress at once, so a list of millions of URLs costs memory for its
-duplicate check only. Bad lines become failed records; they never stop the run.
+The list is read lazily (gzip-compressed lists too), and no more than
+FETCHER_MAX_PENDING entries are in progress at once, so a list of millions of
+URLs costs memory for its duplicate check only. Bad lines become failed
+records; they never stop the run. Options fetcher does not implement are
+warned about once per run, and their URLs are still downloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import queue
 import sys
@@ -31,7 +32,8 @@ from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
-from fetcher.urllist import BadLine, Entry, parse_inline, parse_lines
+from fetcher.pipelines import StreamingFilesPipeline
+from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_inline, parse_lines, text_lines
 from fetcher.writer import HashingWriter
 
 if TYPE_CHECKING:
@@ -60,6 +62,9 @@ class FetchSpider(Spider):
         self.max_pending = defaults.FETCHER_MAX_PENDING  # from the settings in from_crawler
         self._room = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None  # kept so the task is not garbage-collected
+        self._warned: set[str] = set()
+        #: Whether the whole list was read (every entry then has a record): the exit status needs it.
+        self.list_complete = False
 
     @staticmethod
     def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:  # noqa: A002
@@ -87,18 +92,24 @@ class FetchSpider(Spider):
         return spider
 
     async def start(self) -> AsyncIterator[Any]:
+        pipelines = getattr(self.crawler.engine.scraper.itemproc, "middlewares", ())
+        if not any(isinstance(p, StreamingFilesPipeline) for p in pipelines):
+            logger.error("Nothing would be downloaded: fetcher.pipelines.StreamingFilesPipeline is not in "
+                         "ITEM_PIPELINES (or FILES_STORE is empty)")
+            raise CloseSpider("no_pipeline")
         self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
         count = 0
         stats = self.crawler.stats
         try:
             async for entry in self._entries():
+                self._warn(entry.warnings)
                 if isinstance(entry, BadLine):
                     stats.inc_value("fetcher/listed")
                     self._bad_line(entry)
                     continue
                 key = run_key(entry.url)
                 if key in self._seen:
-                    logger.warning("line %d: duplicate of an earlier URL, skipped: %s", entry.line, entry.url)
+                    logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, entry.url)
                     stats.inc_value("fetcher/duplicates")
                     continue
                 self._seen.add(key)
@@ -112,6 +123,7 @@ class FetchSpider(Spider):
         except ListUnavailable as exc:
             logger.error("%s", exc)
             raise CloseSpider("list_unavailable") from exc
+        self.list_complete = True
         stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
         if not count:
             logger.warning("The list has no URLs to download")
@@ -136,13 +148,20 @@ class FetchSpider(Spider):
             self._pending -= 1
             self._room.set()
 
+    def _warn(self, warnings: tuple[ListWarning, ...]) -> None:
+        """Each kind of warning once per run: a list of a million lines with one
+        option fetcher ignores must not give a million log lines."""
+        for w in warnings:
+            if w.option not in self._warned:
+                self._warned.add(w.option)
+                logger.warning("%s: %s (said once per run)", w.where, w.message)
+
     def _bad_line(self, bad: BadLine) -> None:
-        logger.error("line %d: %s: %s", bad.line, bad.reason, bad.text)
+        logger.error("%s: %s: %s", bad.where, bad.reason, bad.text)
         entry = Entry(bad.url or bad.text, bad.line)
         self.crawler.signals.send_catch_log(
             fetcher_signals.file_finished,
-            record=FileRecord(entry, "failed", error=f"line {bad.line}: {bad.reason}: {bad.text}",
-                              reason=BAD_LINE),
+            record=FileRecord(entry, "failed", error=f"{bad.where}: {bad.reason}: {bad.text}", reason=BAD_LINE),
         )
 
     async def _entries(self) -> AsyncIterator[Entry | BadLine]:
@@ -182,13 +201,16 @@ def _is_url(value: str) -> bool:
 
 
 def _parse_file(path: Path) -> Iterator[Entry | BadLine]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        yield from parse_lines(f)
+    try:
+        with open_list(path) as f:
+            yield from parse_lines(f)
+    except OSError as exc:  # unreadable, or a damaged gzip
+        raise ListUnavailable(f"cannot read the list {path}: {exc.strerror or exc}") from exc
 
 
 def _parse_stdin() -> Iterator[Entry | BadLine]:
     """Standard input as UTF-8 whatever the locale, undecodable bytes replaced, like a list file."""
-    yield from parse_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+    yield from parse_lines(text_lines(sys.stdin.buffer))
 
 
 _END = object()
