@@ -78,7 +78,7 @@ class Summary:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         total = sum(self.counts.values())
         lines = [
-            f"fetcher summary: {total} URLs in {elapsed:.1f} s: "
+            f"fetcher summary: {_plural(total, 'URL')} in {elapsed:.1f} s: "
             f"{self.counts['downloaded']} downloaded, {self.counts['uptodate']} up to date, "
             f"{self.counts['failed']} failed" + ("" if reason == "finished" else f" (run ended: {reason})"),
             f"  received {human_bytes(self.received)} at {human_bytes(self.received / elapsed)}/s",
@@ -87,7 +87,7 @@ class Summary:
         slow = sorted((self.host_bytes[h] / max(self.host_time[h], 1e-9), h) for h in measurable)[:3]
         if len(measurable) > 1:  # one host, or tiny files, would say nothing
             lines.append("  slowest hosts: " + ", ".join(
-                f"{h} ({human_bytes(rate)}/s per file, {_files(self.host_files[h])})" for rate, h in slow
+                f"{h} ({human_bytes(rate)}/s per file, {_plural(self.host_files[h], 'file')})" for rate, h in slow
             ))
         if self.failure_counts:
             lines.append("  failures:")
@@ -97,8 +97,8 @@ class Summary:
         return "\n".join(lines)
 
 
-def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def human_bytes(n: float) -> str:

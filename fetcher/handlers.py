@@ -136,7 +136,9 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._pool.maxPersistentPerHost = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
         self._tls = tls_policy(crawler)
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
-        self._stall_timeout = settings.getfloat("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
+        # Unset: DOWNLOAD_TIMEOUT, as wget's --timeout covers reads too.
+        stall = settings.get("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
+        self._stall_timeout = self._timeout if stall in (None, "") else float(stall)
         self._max_time = settings.getfloat("FETCHER_MAX_TIME", defaults.FETCHER_MAX_TIME)
         self._limits = _TransferLimits.of(crawler)
 
@@ -368,7 +370,8 @@ def _is_verification_failure(exc: BaseException) -> bool:
 
 def _readable(exc: Exception, request: Request) -> Exception:
     """Scrapy's public download exceptions, with a message fit for the manifest."""
-    host = request.url.split("/")[2] if "//" in request.url else request.url
+    # host[:port] only: a URL's user:password must not reach messages, records or failed.txt.
+    host = urlparse_cached(request).netloc.rpartition("@")[2] or request.url
     if isinstance(exc, txerror.DNSLookupError):
         return CannotResolveHostError(f"DNS lookup failed for {host}")
     if isinstance(exc, txerror.ConnectionRefusedError):

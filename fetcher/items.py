@@ -46,6 +46,7 @@ class FileRecord:
     received: int = 0  # bytes that came over the network in this run
     elapsed: float = 0.0  # seconds from the first attempt to the end
     note: str | None = None  # why a file on disk was fetched again, or how one was found good
+    mirror: str | None = None  # the mirror that served the file, when not the entry's first URL
     mtime_ns: int | None = None  # of the finished file, for the store's records
     etag: str | None = None
     last_modified: str | None = None

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urldefrag, urlsplit, urlunsplit
 
 from itemadapter import ItemAdapter
 from scrapy.exceptions import (
@@ -149,12 +150,17 @@ class StreamingFilesPipeline(FilesPipeline):
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
         # Which URL each path of this run belongs to (hashes: ~100 bytes a file on huge lists).
         self._claims: dict[int, int] = {}
+        self._turn = -1  # which mirror the next entry with mirrors starts at
+        self._transfers: set[asyncio.Future[Response]] = set()
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
         crawler.signals.connect(self.store_record, signal=signals.file_finished)
 
     # -- the run
 
     async def open_spider(self, spider: Any = None) -> None:
-        super().open_spider(spider)
+        super().open_spider()
+        self._watcher = asyncio.get_running_loop().create_task(self._stop_transfers_on_close())
         if isinstance(self.target, S3Target):
             await asyncio.to_thread(self.target.check)
         try:
@@ -168,6 +174,8 @@ class StreamingFilesPipeline(FilesPipeline):
     async def close_spider(self, spider: Any = None) -> None:
         """Leave the records true for the next run: the manifest with one line per
         URL, failed.txt with the store's failures, a remote store's manifest uploaded."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         records = self.records
         if records is None:
             return
@@ -201,6 +209,7 @@ class StreamingFilesPipeline(FilesPipeline):
             size=record.size if has_file else None, mtime_ns=record.mtime_ns if has_file else None,
             checksum=record.checksum if has_file else None, algorithm=record.algorithm,
             http_status=record.http_status, attempts=record.attempts, error=record.error, note=record.note,
+            mirror=record.mirror if has_file else None,
             etag=record.etag, last_modified=record.last_modified, run=self.run_id, finished_at=utc_now(),
             entry=entry,
         ))
@@ -211,10 +220,12 @@ class StreamingFilesPipeline(FilesPipeline):
         adapter = ItemAdapter(item)
         entries: list[Entry] = list(adapter.get("fetcher_entries") or [])
         by_url = {e.url: e for e in entries}
-        return [
-            Request(r.url, callback=NO_CALLBACK, meta={ENTRY_META: by_url.get(r.url, Entry(r.url, 0))})
-            for r in super().get_media_requests(item, info)
-        ]
+        requests = []
+        for r in super().get_media_requests(item, info):
+            entry = by_url.get(r.url, Entry(r.url, 0))
+            requests.append(Request(r.url, callback=NO_CALLBACK, headers=_entry_headers(entry),
+                                    meta={ENTRY_META: entry}))
+        return requests
 
     def file_path(
         self,
@@ -256,7 +267,7 @@ class StreamingFilesPipeline(FilesPipeline):
             return record
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
-        claim, owner = run_key(path), run_key(entry.url)
+        claim, owner = run_key(path), run_key(urldefrag(entry.url)[0])
         if self._claims.setdefault(claim, owner) != owner:  # another URL of this run has this name
             record = FileRecord(entry, "failed", error=f"another URL of this run is saved to {path}",
                                 reason="path conflict")
@@ -312,6 +323,8 @@ class StreamingFilesPipeline(FilesPipeline):
         conditional: dict[str, str] = {}
         free_checks = _END_CHECKS
         last: _Outcome | None = None
+        mirrors = self._mirror_order(entry, request)
+        at, tried, dead, failures = 0, {mirrors[0]}, set[str](), dict[str, str]()
         try:
             if await self._uptodate(request, final, algorithms, record):
                 if not (self.revalidate and (record.etag or record.last_modified)):
@@ -321,11 +334,12 @@ class StreamingFilesPipeline(FilesPipeline):
                 record.attempts += 1
                 try:
                     await self._prepare(writer)
-                    response = await self._download(request, writer, conditional)
+                    response = await self._download(request, mirrors[at], writer, conditional)
                     if response.status == 304 and conditional:
                         record.http_status = 304
                         return record  # _uptodate filled it in
                     self._complete(response, writer, record)
+                    record.mirror = mirrors[at] if mirrors[at] != entry.url else None
                     if isinstance(self.target, S3Target):
                         await self._upload(writer.final, record)
                     return record
@@ -343,7 +357,26 @@ class StreamingFilesPipeline(FilesPipeline):
                                            retryable=False, http_status=last.http_status)
                     record.http_status = outcome.http_status
                     last = outcome
-                    if not (outcome.retryable and record.attempts <= self.retry_times):
+                    if len(mirrors) > 1 and outcome.reason != "stopped":
+                        # Fail over: the next mirror at once, the same one again only after a backoff.
+                        failures[mirrors[at]] = str(outcome)
+                        if not outcome.retryable:
+                            dead.add(mirrors[at])
+                        following = [(at + i) % len(mirrors) for i in range(1, len(mirrors) + 1)]
+                        alive = [i for i in following if mirrors[i] not in dead]
+                        if not alive or record.attempts > self.retry_times + len(mirrors) - 1:
+                            record.status, record.reason = "failed", outcome.reason
+                            record.error = "every mirror failed: " + "; ".join(
+                                f"{_safe(u)}: {why}" for u, why in failures.items())
+                            return record
+                        if alive[0] != at and not entry.checksum:
+                            writer.discard()  # bytes of two mirrors are spliced only when a checksum checks them
+                        at = alive[0]
+                        if mirrors[at] not in tried:
+                            tried.add(mirrors[at])
+                            logger.debug("Trying %s's mirror %s: %s", entry.url, mirrors[at], outcome)
+                            continue
+                    elif not (outcome.retryable and record.attempts <= self.retry_times):
                         record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
                         return record
                     delay = self.backoff.delay(record.attempts, outcome.retry_after)
@@ -492,7 +525,18 @@ class StreamingFilesPipeline(FilesPipeline):
         while not spider_closing(self.crawler) and (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(left, _STOP_POLL))
 
-    async def _download(self, request: Request, writer: HashingWriter, conditional: dict[str, str]) -> Response:
+    def _mirror_order(self, entry: Entry, request: Request) -> tuple[str, ...]:
+        """The URLs to try, in order: the entry's mirrors, each entry starting at
+        the next one, so that concurrent files spread over the mirrors."""
+        if request.url != entry.url or not entry.mirrors:
+            return (request.url,)
+        urls = entry.urls
+        self._turn += 1
+        start = self._turn % len(urls)
+        return urls[start:] + urls[:start]
+
+    async def _download(self, request: Request, url: str, writer: HashingWriter,
+                        conditional: dict[str, str]) -> Response:
         if spider_closing(self.crawler):  # Ctrl-C, CLOSESPIDER_*: start nothing new; a rerun resumes
             raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
         headers = dict(request.headers.to_unicode_dict())
@@ -500,13 +544,21 @@ class StreamingFilesPipeline(FilesPipeline):
         headers.update(conditional)
         headers.update(writer.range_headers())
         attempt = request.replace(
+            url=url,
             headers=headers,
             meta={**request.meta, SINK_META: writer, "dont_retry": True},
         )
+        # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
+        # neither a request queued behind its host's limit nor a backoff holds one.
+        transfer = asyncio.ensure_future(self.crawler.engine.download_async(attempt))
+        self._transfers.add(transfer)
         try:
-            # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
-            # neither a request queued behind its host's limit nor a backoff holds one.
-            return await self.crawler.engine.download_async(attempt)
+            return await transfer
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            raise _Outcome("the run was stopped during the transfer (its .part is kept: a rerun resumes it)",
+                           reason="stopped", retryable=False) from None
         except BodyError as exc:
             # A resume that went wrong starts over from byte 0; other kept bytes stay.
             raise _Outcome(str(exc), reason=_reason(exc), retryable=exc.retryable,
@@ -515,6 +567,22 @@ class StreamingFilesPipeline(FilesPipeline):
             raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=True) from exc
         except Exception as exc:  # IgnoreRequest (redirect loops), TLS, unsupported: final
             raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
+        finally:
+            self._transfers.discard(transfer)
+
+    async def _stop_transfers_on_close(self) -> None:
+        """A stopped run (Ctrl-C, CLOSESPIDER_*) ends within seconds even with large
+        files in flight: their transfers are cut and their .part files kept for the rerun."""
+        while not self.crawler.engine.running:  # the pipeline opens before the engine runs
+            await asyncio.sleep(_STOP_POLL)
+        while not spider_closing(self.crawler):
+            await asyncio.sleep(_STOP_POLL)
+        self._stopping = True
+        if self._transfers:
+            logger.info("Stopping: cutting %d transfers in flight; their .part files are kept, and a rerun "
+                        "resumes them (no second Ctrl-C needed)", len(self._transfers))
+        for transfer in list(self._transfers):
+            transfer.cancel()
 
     def _complete(self, response: Response, writer: HashingWriter, record: FileRecord) -> None:
         """Judge a response: commit the file, or raise the _Outcome to act on."""
@@ -621,3 +689,22 @@ def _differences(st: os.stat_result, prior: StoredRecord) -> str:
     if st.st_mtime_ns != prior.mtime_ns:
         found.append("another modification time")
     return ", ".join(found)
+
+
+def _entry_headers(entry: Entry) -> dict[str, str]:
+    """The list's per-entry headers (``header=``, ``referer=``, ``user-agent=``)."""
+    headers = dict(entry.headers)
+    if entry.referer is not None:
+        headers["Referer"] = entry.url if entry.referer == "*" else entry.referer
+    if entry.user_agent is not None:
+        headers["User-Agent"] = entry.user_agent
+    return headers
+
+
+def _safe(url: str) -> str:
+    """A URL for messages: never the user:password it may carry."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))

@@ -48,7 +48,7 @@ _CACHE_KIB = 32 * 1024  # the index of a big store stays in memory: reruns re-re
 _LOCK_SPACE = 1 << 62  # byte offsets a path lock can take in files.lock
 #: Manifest fields, in the order they are written.
 MANIFEST_FIELDS = ("url", "status", "path", "size", "checksum", "algorithm", "http_status", "attempts",
-                   "error", "note", "run", "finished_at")
+                   "error", "note", "mirror", "run", "finished_at")
 
 
 def new_run_id() -> str:
@@ -75,6 +75,7 @@ class StoredRecord:
     attempts: int = 0
     error: str | None = None
     note: str | None = None  # why a file was fetched again, or how a file found on disk was checked
+    mirror: str | None = None  # the mirror that served the file, when not the URL itself
     etag: str | None = None
     last_modified: str | None = None
     run: str | None = None

@@ -490,3 +490,69 @@ def test_closespider_timeout_ends_the_run(fetch: Fetch, origin: Origin) -> None:
     assert {r["status"] for r in run.manifest} <= {"downloaded", "failed"}
     # The exit status follows the records, whatever the finish reason.
     assert run.returncode == (1 if any(r["status"] == "failed" for r in run.manifest) else 0)
+
+
+def test_one_ctrl_c_cuts_large_transfers_and_the_rerun_resumes_them(fetch: Fetch, origin: Origin) -> None:
+    """Two 64 MiB files at 1 MB/s would take a minute: one Ctrl-C ends the run within seconds."""
+    u = origin.url
+    names = [f"sigint-big{i}.bin" for i in range(2)]
+    (fetch.cwd / "urls.txt").write_text("".join(f"{u}/gen/64m/{n}?rate=1000000\n" for n in names))
+    proc = subprocess.Popen(fetch.command("-a", "list=urls.txt"), cwd=fetch.cwd, env=fetch.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = [fetch.cwd / "downloads" / u.removeprefix("http://") / "gen/64m" / f"{n}?rate=1000000.part"
+             for n in names]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(p.exists() and p.stat().st_size > 500_000 for p in parts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a hung crawl behind
+            proc.kill()
+    waited = time.monotonic() - started
+    assert proc.returncode == 1
+    assert waited < 15, f"one Ctrl-C took {waited:.1f} s"
+    assert "no second Ctrl-C needed" in err and "Traceback" not in err
+    run = Run(proc.returncode, "", err, fetch.cwd)
+    assert {r["status"] for r in run.manifest} == {"failed"} and len(run.manifest) == 2
+    kept = [p.stat().st_size for p in parts]
+    assert all(k > 500_000 for k in kept), kept  # the .part files stay for the rerun
+    origin.reset_stats()
+    rerun = fetch(None, "-a", "list=urls.txt", settings={"FETCHER_STALL_TIMEOUT": 30})
+    assert rerun.returncode == 0, rerun.log
+    for n in names:
+        assert rerun.record(f"{u}/gen/64m/{n}?rate=1000000")["checksum"] == expected_digest(n, 64 * MiB)
+        [again] = requests_for(origin, f"/gen/64m/{n}")
+        assert again["status"] == 206 and again["headers"]["range"] != "bytes=0-"
+
+
+def test_mirrors_fail_over_and_the_record_names_the_one_that_served(fetch: Fetch, origin: Origin) -> None:
+    u, dead = origin.url, f"http://127.0.0.1:{closed_port()}"
+    good = f"{u}/gen/256k/mirrored.bin"
+    missing = f"{u}/status/404"
+    listing = (f"{dead}/mirrored.bin\t{missing}\t{good}\n"  # aria2's TAB-separated mirrors
+               f"{u}/status/410 {u}/status/404\n")  # every mirror fails for good
+    run = fetch(listing, settings={"RETRY_TIMES": 1})
+    assert run.returncode == 1
+    record = run.record(f"{dead}/mirrored.bin")
+    assert record["status"] == "downloaded" and record["mirror"] == good
+    assert record["checksum"] == expected_digest("mirrored.bin", 256 * 1024)
+    assert origin.stats.hits_by_path["/gen/256k/mirrored.bin"] == 1
+    both = run.record(f"{u}/status/410")
+    assert both["status"] == "failed" and "every mirror failed" in both["error"]
+    assert "HTTP 410" in both["error"] and "HTTP 404" in both["error"]
+    assert origin.stats.hits_by_path["/status/410"] == 1  # a 410 is final for that mirror: not asked again
+
+
+def test_per_entry_headers_reach_the_server(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    listing = (f"{u}/gen/1k/h.bin\n  header=X-Token: abc def\n  header=Accept-Language: fr\n"
+               f"  referer=*\n  user-agent=fetcher-test/1.0\n")
+    run = fetch(listing)
+    assert run.returncode == 0, run.log
+    [request] = requests_for(origin, "/gen/1k/h.bin")
+    assert request["headers"]["x-token"] == "abc def" and request["headers"]["accept-language"] == "fr"
+    assert request["headers"]["referer"] == f"{u}/gen/1k/h.bin"
+    assert request["headers"]["user-agent"] == "fetcher-test/1.0"

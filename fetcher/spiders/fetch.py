@@ -23,6 +23,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urldefrag
 
 from scrapy import Request, Spider, signals
 from scrapy.exceptions import CloseSpider
@@ -107,7 +108,7 @@ class FetchSpider(Spider):
                     stats.inc_value("fetcher/listed")
                     self._bad_line(entry)
                     continue
-                key = run_key(entry.url)
+                key = run_key(urldefrag(entry.url)[0])  # x.bin#frag is x.bin: fragments never reach a server
                 if key in self._seen:
                     logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, entry.url)
                     stats.inc_value("fetcher/duplicates")
