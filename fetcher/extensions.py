@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -154,8 +156,8 @@ class Progress:
     def opened(self) -> None:
         self.started = time.monotonic()
         if self.mode == "bar":
-            self._bar = tqdm(file=sys.stderr, dynamic_ncols=True, leave=True,
-                             bar_format="fetcher {n_fmt}/{total_fmt} files |{bar:20}| {desc}")
+            # tqdm keeps log lines above the bar; the line itself is fitted to the terminal here.
+            self._bar = tqdm(file=sys.stderr, leave=True, bar_format="{desc}")
             # Scrapy's log lines go above the bar instead of through it.
             for handler in logging.root.handlers:
                 if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout):
@@ -175,7 +177,10 @@ class Progress:
             instant = (received - before) / (now - then)
             self._rate = instant if not self._rate else 0.7 * self._rate + 0.3 * instant
         self._last = (now, received)
-        total = self.stats.get_value("fetcher/listed", 0) if self.stats.get_value("fetcher/list_complete") else None
+        if self.stats.get_value("fetcher/list_complete"):
+            total = self.stats.get_value("fetcher/listed", 0)
+        else:  # counted ahead from the list file, while it is being read
+            total = self.stats.get_value("fetcher/list_counted")
         elapsed = now - self.started
         eta = None
         if total and self.done and total > self.done:
@@ -188,15 +193,13 @@ class Progress:
 
     def tick(self) -> None:
         f = self.figures()
+        if self._bar is not None:
+            self._bar.set_description_str(progress_line(f, _terminal_width()), refresh=False)
+            self._bar.refresh()
+            return
         detail = (f"{human_bytes(f['received'])}, {human_bytes(f['rate'])}/s, {f['active']} active, "
                   f"{f['waiting']} retries waiting, {f['failed']} failed")
         eta = "" if f["eta"] is None else f", ETA {_clock(f['eta'])}"
-        if self._bar is not None:
-            self._bar.total = f["total"]
-            self._bar.n = f["done"]
-            self._bar.set_description_str(detail + eta, refresh=False)
-            self._bar.refresh()
-            return
         total = "?" if f["total"] is None else str(f["total"])
         logger.info("Progress: %d/%s files, %s%s", f["done"], total, detail, eta)
 
@@ -207,6 +210,52 @@ class Progress:
             self.tick()
             self._bar.close()
         self._exit.close()
+
+
+#: How the bar line shrinks on a narrow terminal, least useful part first.
+_SHRINK = ("waiting", "active", "narrow bar", "bytes", "no bar", "rate", "eta")
+
+
+def progress_line(f: dict[str, Any], width: int) -> str:
+    """The progress bar's line, fitted to *width* columns by dropping its least
+    useful parts first; the files done and the failures count always stay."""
+    total = "?" if f["total"] is None else str(f["total"])
+    shown: dict[str, str] = {
+        "bytes": human_bytes(f["received"]),
+        "rate": f"{human_bytes(f['rate'])}/s",
+        "active": f"{f['active']} active",
+        "waiting": f"{f['waiting']} retries waiting",
+        "failed": f"{f['failed']} failed",
+    }
+    if f["eta"] is not None:
+        shown["eta"] = f"ETA {_clock(f['eta'])}"
+    fraction = min(1.0, f["done"] / f["total"]) if f["total"] else 0.0
+    bar_width = 20
+    line = ""
+    for step in (None, *_SHRINK):
+        if step == "narrow bar":
+            bar_width = 10
+        elif step == "no bar":
+            bar_width = 0
+        elif step is not None:
+            shown.pop(step, None)
+        bar = f" |{_bar(fraction, bar_width)}|" if bar_width else ""
+        line = f"fetcher {f['done']}/{total} files{bar} " + ", ".join(shown.values())
+        if len(line) < width:
+            break
+    return line
+
+
+def _bar(fraction: float, width: int) -> str:
+    full = int(fraction * width)
+    return ("█" * full).ljust(width)
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return shutil.get_terminal_size().columns
 
 
 class _AboveTheBar:

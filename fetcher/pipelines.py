@@ -106,7 +106,7 @@ class StreamingFilesPipeline(FilesPipeline):
     def __init__(self, store_uri: str | PathLike[str], *, crawler: Crawler) -> None:
         try:
             super().__init__(store_uri, crawler=crawler)
-        except NotConfigured as exc:  # stock disables itself quietly; a downloader that does nothing is worse
+        except (NotConfigured, ImportError) as exc:  # stock disables itself quietly; doing nothing is worse
             hint = "; pip install boto3" if str(store_uri).startswith("s3://") else ""
             raise StartupError(f"FILES_STORE={store_uri!r} cannot be used: {exc}{hint}") from exc
         except (KeyError, ValueError) as exc:  # an unknown scheme, an s3:// URI with no bucket
@@ -120,11 +120,20 @@ class StreamingFilesPipeline(FilesPipeline):
             raise StartupError(f"FETCHER_VERIFY must be one of {', '.join(_VERIFY_MODES)}, not {self.verify!r}")
         state = s.get("FETCHER_STATE_DIR", defaults.FETCHER_STATE_DIR)
         self.state_dir = Path(state) if state else self.target.state_default
-        self.manifest_path = Path(s.get("FETCHER_MANIFEST") or self.target.reports_default / "manifest.jsonl")
-        self.failed_path = Path(s.get("FETCHER_FAILED_LIST") or self.target.reports_default / "failed.txt")
+        reports = self.state_dir if isinstance(self.target, S3Target) else self.target.basedir
+        self.manifest_path = Path(s.get("FETCHER_MANIFEST") or reports / "manifest.jsonl")
+        self.failed_path = Path(s.get("FETCHER_FAILED_LIST") or reports / "failed.txt")
         self.run_id = new_run_id()
-        self.records: RecordStore | None = None
-        self.locks: PathLocks | None = None
+        # Opened before the engine starts: a store that cannot work stops the run before it begins.
+        if isinstance(self.target, S3Target):
+            self.target.check()
+        try:
+            store_dir = None if isinstance(self.target, S3Target) else self.target.basedir
+            self.records: RecordStore | None = RecordStore.open(
+                self.state_dir, self.manifest_path, self.failed_path, store_dir)
+            self.locks = PathLocks(self.state_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
         self.algorithm: str = s.get("FETCHER_ALGORITHM", defaults.FETCHER_ALGORITHM)
         try:
             hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
@@ -161,15 +170,6 @@ class StreamingFilesPipeline(FilesPipeline):
     async def open_spider(self, spider: Any = None) -> None:
         super().open_spider()
         self._watcher = asyncio.get_running_loop().create_task(self._stop_transfers_on_close())
-        if isinstance(self.target, S3Target):
-            await asyncio.to_thread(self.target.check)
-        try:
-            store_dir = None if self.target.remote else self.target.basedir  # type: ignore[union-attr]
-            self.records = await asyncio.to_thread(
-                RecordStore.open, self.state_dir, self.manifest_path, self.failed_path, store_dir)
-            self.locks = PathLocks(self.state_dir)
-        except OSError as exc:
-            raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
 
     async def close_spider(self, spider: Any = None) -> None:
         """Leave the records true for the next run: the manifest with one line per

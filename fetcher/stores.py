@@ -43,12 +43,9 @@ class RemoteObject:
 class LocalTarget:
     """FILES_STORE is a local folder: files are written in place; records in ``<store>/.fetcher``."""
 
-    remote = False
-
     def __init__(self, basedir: Path) -> None:
         self.basedir = basedir
         self.state_default = basedir / ".fetcher"
-        self.reports_default = basedir
 
     def local_path(self, path: str) -> Path:
         """Where the body of *path* is written (ValueError for a path leaving the store)."""
@@ -63,8 +60,6 @@ class S3Target:
     client (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION_NAME, ...), and
     FILES_STORE_S3_ACL; boto3's transfer manager does the multipart uploads."""
 
-    remote = True
-
     def __init__(self, store: S3FilesStore, uri: str, spool: Path, state: Path, multipart_threshold: int) -> None:
         try:
             from boto3.s3.transfer import S3Transfer, TransferConfig  # noqa: PLC0415 - only for S3 stores
@@ -75,7 +70,6 @@ class S3Target:
         self.bucket = store.bucket
         self.prefix = store.prefix if not store.prefix or store.prefix.endswith("/") else store.prefix + "/"
         self.state_default = state
-        self.reports_default = state
         self.spool = spool
         config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_threshold)
         self._transfer = S3Transfer(client=store.s3_client, config=config)

@@ -15,16 +15,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from fetcher.extensions import progress_line
 from tests.conftest import SCRAPY, Fetch
 from tests.origin import Origin, expected_digest
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_in_terminal(fetch: Fetch, args: list[str], timeout: float = 60) -> tuple[int, str]:
+def run_in_terminal(fetch: Fetch, args: list[str], timeout: float = 60, columns: int = 160) -> tuple[int, str]:
     """Run the crawl with a pseudo-terminal as stdin/stdout/stderr; return its exit status and screen bytes."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160x40 terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen(fetch.command(*args), cwd=fetch.cwd, env=fetch.env(),
                             stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
@@ -67,6 +68,36 @@ def test_progress_bar_on_a_terminal(fetch: Fetch, origin: Origin) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[fetcher\.pipelines\] ERROR: Failed "
                         + re.escape(f"{u}/status/404") + r": HTTP 404", failure), failure
     assert any(f.startswith(tuple("0123456789")) and "fetcher summary: 3 URLs" in f for f in frames)
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_progress_bar_fits_the_terminal_and_keeps_the_failures(fetch: Fetch, origin: Origin, columns: int) -> None:
+    u = origin.url
+    listing = f"{u}/gen/3m/narrow.bin?rate=1500000\n{u}/status/404\n" + "".join(
+        f"{u}/gen/1k/n{i}.bin\n" for i in range(20))
+    (fetch.cwd / "urls.txt").write_text(listing)
+    code, screen = run_in_terminal(fetch, ["-a", "list=urls.txt"], columns=columns)
+    assert code == 1
+    bars = [ANSI.sub("", f).rstrip() for f in re.split(r"[\r\n]", screen) if f.startswith("fetcher ")
+            or ANSI.sub("", f).startswith("fetcher ")]
+    assert len(bars) >= 2, screen
+    assert all(len(b) < columns for b in bars), [b for b in bars if len(b) >= columns]
+    assert all(re.search(r", \d+ failed(, ETA \d+:\d\d:\d\d)?$", b) for b in bars), bars
+    # The list was counted ahead: the total is known from the first frames on.
+    assert all("/22 files" in b for b in bars), bars
+    assert any("ETA " in b for b in bars[:-1]), bars
+
+
+def test_progress_line_drops_the_least_useful_parts_first() -> None:
+    figures = {"done": 1500, "total": 3004, "received": 47_000_000, "rate": 18_000_000, "active": 12,
+               "waiting": 1, "failed": 2, "eta": 3723}
+    wide = progress_line(figures, 200)
+    assert wide == ("fetcher 1500/3004 files |█████████           | 44.8 MiB, 17.2 MiB/s, 12 active, "
+                    "1 retries waiting, 2 failed, ETA 1:02:03")
+    assert progress_line(figures, 100) == ("fetcher 1500/3004 files |█████████           | 44.8 MiB, "
+                                           "17.2 MiB/s, 2 failed, ETA 1:02:03")
+    assert progress_line(figures, 80) == "fetcher 1500/3004 files |████      | 17.2 MiB/s, 2 failed, ETA 1:02:03"
+    assert progress_line(figures, 30) == "fetcher 1500/3004 files 2 failed"  # never without the failures
 
 
 def test_plain_progress_lines_without_a_terminal(fetch: Fetch, origin: Origin) -> None:

@@ -15,6 +15,7 @@ warned about once per run, and their URLs are still downloaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sys
@@ -175,13 +176,30 @@ class FetchSpider(Spider):
         if _is_url(source):
             with tempfile.TemporaryDirectory(prefix="fetcher-list-") as tmp:
                 path = await self._download_list(source, Path(tmp) / "list.txt")
+                self._count_ahead(path)
                 async for e in _in_thread(lambda: _parse_file(path)):
                     yield e
             return
+        if source != "-":
+            self._count_ahead(Path(source))
         # stdin may be a pipe that another program is still writing: a thread
         # reads it so that waiting for the next line never blocks the downloads.
         async for e in _in_thread(lambda: _parse_stdin() if source == "-" else _parse_file(Path(source))):
             yield e
+
+    def _count_ahead(self, path: Path) -> None:
+        """Count the list's URL lines in a thread, so the progress display has a
+        total (and an ETA) long before the list is read; the first downloads do
+        not wait for it. Standard input cannot be read twice: it shows what is known."""
+        loop = asyncio.get_running_loop()
+        stats = self.crawler.stats
+
+        def count() -> None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError), open_list(path) as f:  # loop closed
+                n = sum(1 for line in f if line.strip() and not line.startswith((" ", "\t", "#", "\ufeff#")))
+                loop.call_soon_threadsafe(stats.set_value, "fetcher/list_counted", n)
+
+        threading.Thread(target=count, name="fetcher-list-count", daemon=True).start()
 
     async def _download_list(self, url: str, dest: Path) -> Path:
         """Stream the list to a temporary file, so that even a huge one is read lazily."""
