@@ -136,8 +136,8 @@ def _shorten(name: str) -> str:
     return f"{''.join(prefix)}~{digest}{ext}"
 
 
-def url_to_path(url: str) -> str:
-    """The store-relative path for an http(s) URL: ``<host>/<url path>``.
+def url_to_path(url: str, *, keep_query: bool = True) -> str:
+    """The store-relative path for an http(s) URL: ``<host>[:port]/<url path>[?query]``.
 
     Readable (segments are percent-decoded) yet deterministic and free of
     collisions between distinct resources:
@@ -155,8 +155,8 @@ def url_to_path(url: str) -> str:
     - an empty path or a trailing "/" names the file ``index.html`` (wget's
       convention), so ``/a/`` and ``/a/index.html`` share a name.
     - the query is appended as "?" + query (the first "?" of a name is always
-      the query's, since path segments escape theirs); the fragment is
-      dropped, as is an empty query.
+      the query's, since path segments escape theirs), unless *keep_query* is
+      False; the fragment is dropped, as is an empty query.
     - a segment over 200 bytes is cut and gets a sha1-based suffix (see
       _shorten); shortened names are 201-220 bytes, so they never meet a
       segment that was not shortened.
@@ -183,7 +183,7 @@ def url_to_path(url: str) -> str:
     raw = parts.path.removeprefix("/").split("/")
     segments = [_path_segment(s) if s else EMPTY_SEGMENT for s in raw[:-1]]
     segments.append(_path_segment(raw[-1]) if raw[-1] else INDEX_NAME)
-    if parts.query:
+    if parts.query and keep_query:
         segments[-1] += "?" + _query(parts.query)
     return "/".join([_shorten(_host(host)), *map(_shorten, segments)])
 

@@ -47,9 +47,9 @@ from fetcher.exceptions import StartupError
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
 from fetcher.items import BAD_LINE, FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
-from fetcher.naming import url_to_path
+from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
-from fetcher.stores import S3Target, Target, target_for
+from fetcher.stores import LocalTarget, S3Target, Target, target_for
 from fetcher.urllist import Entry
 from fetcher.writer import (
     BodyError,
@@ -139,6 +139,7 @@ class StreamingFilesPipeline(FilesPipeline):
             hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
         except ValueError as exc:
             raise StartupError(f"FETCHER_ALGORITHM={self.algorithm!r} is not a hashlib algorithm") from exc
+        self.name_query = s.getbool("FETCHER_NAME_QUERY", defaults.FETCHER_NAME_QUERY)
         self.layout: str = s.get("FETCHER_LAYOUT", defaults.FETCHER_LAYOUT)
         if self.layout not in ("url", "hash"):
             raise StartupError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
@@ -240,7 +241,7 @@ class StreamingFilesPipeline(FilesPipeline):
             return entry.out
         if self.layout == "hash":
             return super().file_path(request, response, info, item=item)
-        return url_to_path(request.url)
+        return url_to_path(request.url, keep_query=self.name_query)
 
     async def process_item(self, item: Any, spider: Any = None) -> Any:
         requests = self.get_media_requests(item, self.spiderinfo)
@@ -265,6 +266,7 @@ class StreamingFilesPipeline(FilesPipeline):
                                 reason="bad URL")
             self._finished(record)
             return record
+        path = self._settle(path)
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
         claim, owner = run_key(path), run_key(urldefrag(entry.url)[0])
@@ -287,6 +289,39 @@ class StreamingFilesPipeline(FilesPipeline):
             future.set_result(record)
         self._finished(record)
         return record
+
+    def _settle(self, path: str) -> str:
+        """wget's rule for a name that is also a folder (``/a`` and ``/a/b`` in one
+        store): the file is saved as ``<name>/index.html``, like a URL ending in "/"."""
+        if isinstance(self.target, S3Target):
+            return path
+        try:
+            return f"{path}/{INDEX_NAME}" if self.target.local_path(path).is_dir() else path
+        except ValueError:  # an unsafe path: _fetch says so
+            return path
+
+    async def _clear_parents(self, path: str) -> None:
+        """The other half of the rule: a finished file where a folder is needed moves
+        to ``<name>/index.html`` (and its record with it) before this file is written."""
+        assert isinstance(self.target, LocalTarget) and self.records is not None
+        segments = path.split("/")[:-1]
+        for depth in range(1, len(segments) + 1):
+            parent = "/".join(segments[:depth])
+            try:
+                local = self.target.local_path(parent)
+            except ValueError:
+                return
+            if local.is_symlink() or not local.is_file():
+                continue
+            async with self._owning(parent):
+                if not local.is_file():  # another process moved it meanwhile
+                    continue
+                moving = local.with_name(local.name + ".fetcher-moving")
+                os.replace(local, moving)
+                local.mkdir()
+                os.replace(moving, local / INDEX_NAME)
+                self.records.move_path(parent, f"{parent}/{INDEX_NAME}")
+                logger.info("%s is also a folder now: the file is kept as %s/%s", parent, parent, INDEX_NAME)
 
     @contextlib.asynccontextmanager
     async def _owning(self, path: str) -> AsyncIterator[None]:
@@ -313,6 +348,12 @@ class StreamingFilesPipeline(FilesPipeline):
             final = self.target.local_path(path)
         except ValueError as exc:
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
+        if not isinstance(self.target, S3Target):
+            try:
+                await self._clear_parents(path)
+            except OSError as exc:
+                return FileRecord(entry, "failed", path=path, error=f"cannot make the folders for {path}: "
+                                  f"{exc.strerror or exc}", reason="disk error")
         algorithms: tuple[str, ...] = (self.algorithm,)
         if entry.checksum and entry.checksum.algorithm != self.algorithm:
             algorithms += (entry.checksum.algorithm,)
@@ -618,6 +659,8 @@ class StreamingFilesPipeline(FilesPipeline):
                 f"got {digests[expected.algorithm]}",
                 reason="checksum mismatch", retryable=False, http_status=status, keep_part=False,
             )
+        if writer.final.is_dir():  # its name became a folder while it was downloaded (see _settle)
+            writer.final, record.path = writer.final / INDEX_NAME, f"{record.path}/{INDEX_NAME}"
         try:
             st = writer.commit()
         except BodyError as exc:

@@ -166,6 +166,18 @@ class RecordStore:
         except (OSError, sqlite3.Error) as exc:
             self._report(exc)
 
+    def move_path(self, old: str, new: str) -> None:
+        """A finished file moved inside the store (a name that became a folder):
+        its records follow it; the manifest is rewritten at the end of the run."""
+        try:
+            with self._locked(fcntl.LOCK_SH):
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("UPDATE records SET path = ? WHERE path = ?", (new, old))
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('superseded', '1')")
+                self._db.execute("COMMIT")
+        except (OSError, sqlite3.Error) as exc:
+            self._report(exc)
+
     def compact(self) -> None:
         """Rewrite the manifest with one line per URL, if lines were superseded
         (by this run or a run that was killed), or if it went missing."""

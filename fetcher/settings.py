@@ -51,7 +51,8 @@ STATS_DUMP = False  # the summary says it in five lines; -s STATS_DUMP=True for 
 
 # --- fetcher's own settings ------------------------------------------------------
 FETCHER_ALGORITHM = "sha256"  # hashlib name of the digest in the manifest and `files`
-FETCHER_LAYOUT = "url"  # "url": <host>/<url path>; "hash": stock FilesPipeline's full/<sha1>.<ext>
+FETCHER_LAYOUT = "url"  # "url": <host>[:port]/<url path>[?query]; "hash": stock FilesPipeline's full/<sha1>.<ext>
+FETCHER_NAME_QUERY = True  # keep a URL's query string in its file name (False: a?x=1 and a?x=2 share one name)
 # The store's records (one current record per URL, across runs) live in an SQLite
 # index in the state folder; manifest.jsonl and failed.txt are written from it.
 FETCHER_STATE_DIR = ""  # "": <FILES_STORE>/.fetcher, or for a remote store ~/.local/state/fetcher/<store>

@@ -205,3 +205,35 @@ def test_settings_layout_algorithm_and_manifest_location(fetch: Fetch, origin: O
     assert record["path"] == f"full/{sha1}.gz"
     assert record["algorithm"] == "md5" and record["checksum"] == expected_digest("h.tar.gz", 4096, algorithm="md5")
     assert (run.store / record["path"]).read_bytes() == content_bytes("h.tar.gz", 4096)
+
+
+def test_a_name_that_is_also_a_folder_keeps_both_files(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    host = u.removeprefix("http://")
+    # /gen/1k/a first, then /gen/1k/a/b (a finished file moves to a/index.html), and the reverse for c.
+    run = fetch(f"{u}/gen/1k/a\n{u}/gen/1k/c/d\n", settings={"CONCURRENT_REQUESTS": 1})
+    assert run.returncode == 0, run.log
+    again = fetch(f"{u}/gen/1k/a/b\n{u}/gen/1k/c\n{u}/gen/1k/a\n", settings={"CONCURRENT_REQUESTS": 1})
+    assert again.returncode == 0, again.log
+    store = run.store / host / "gen/1k"
+    assert (store / "a/index.html").read_bytes() == content_bytes("a", 1024)
+    assert (store / "a/b").read_bytes() == content_bytes("a/b", 1024)
+    assert (store / "c/index.html").read_bytes() == content_bytes("c", 1024)
+    assert (store / "c/d").read_bytes() == content_bytes("c/d", 1024)
+    records = {r["url"].removeprefix(u): r for r in again.manifest}
+    assert records["/gen/1k/a"]["path"] == f"{host}/gen/1k/a/index.html"
+    assert records["/gen/1k/a"]["status"] == "uptodate"  # moved, not fetched again
+    assert records["/gen/1k/c"]["path"] == f"{host}/gen/1k/c/index.html"
+    assert origin.stats.hits_by_path["/gen/1k/a"] == 1
+
+
+def test_fragments_and_query_names(fetch: Fetch, origin: Origin) -> None:
+    u = origin.url
+    host = u.removeprefix("http://")
+    run = fetch(f"{u}/gen/1k/f.bin#one\n{u}/gen/1k/f.bin\n{u}/gen/1k/q.bin?x=1\n")
+    assert run.returncode == 0, run.log
+    assert origin.stats.hits_by_path["/gen/1k/f.bin"] == 1  # one file, not a path conflict
+    assert (run.store / host / "gen/1k/q.bin?x=1").is_file()
+    plain = fetch(f"{u}/gen/1k/r.bin?x=2\n", settings={"FETCHER_NAME_QUERY": "False"})
+    assert plain.returncode == 0, plain.log
+    assert (plain.store / host / "gen/1k/r.bin").read_bytes() == content_bytes("r.bin", 1024)
