@@ -237,3 +237,36 @@ def test_fragments_and_query_names(fetch: Fetch, origin: Origin) -> None:
     plain = fetch(f"{u}/gen/1k/r.bin?x=2\n", settings={"FETCHER_NAME_QUERY": "False"})
     assert plain.returncode == 0, plain.log
     assert (plain.store / host / "gen/1k/r.bin").read_bytes() == content_bytes("r.bin", 1024)
+
+
+def test_gzip_aria2_list_with_mirrors_and_headers(fetch: Fetch, origin: Origin) -> None:
+    """An aria2c input file, gzip-compressed: TAB-separated mirrors, indented options, an
+    option fetcher does not implement (a warning), and one URL indented by mistake."""
+    import gzip  # noqa: PLC0415
+
+    u = origin.url
+    listing = (
+        f"{u}/status/503\t{u}/gen/8k/m.bin\n"
+        "  out = mirrored/m.bin\n"
+        "  header=X-Trace: one two\n"
+        "  max-connection-per-server=4\n"
+        f"{u}/gen/2k/plain.bin\n"
+        f"  {u}/gen/2k/indented.bin\n"
+    )
+    (fetch.cwd / "urls.txt.gz").write_bytes(gzip.compress(listing.encode()))
+    run = fetch(None, "-a", "list=urls.txt.gz", settings={"RETRY_TIMES": 1})
+    assert run.returncode == 0, run.log
+    assert (run.store / "mirrored/m.bin").read_bytes() == content_bytes("m.bin", 8 * 1024)
+    record = run.record(f"{u}/status/503")
+    assert record["mirror"] == f"{u}/gen/8k/m.bin" and record["path"] == "mirrored/m.bin"
+    [served] = [r for r in origin.stats.snapshot().requests if r["path"] == "/gen/8k/m.bin"]
+    assert served["headers"]["x-trace"] == "one two"
+    assert run.record(f"{u}/gen/2k/indented.bin")["status"] == "downloaded"  # never silently dropped
+    assert len(re.findall(r"WARNING: .*max-connection-per-server", run.log)) == 1
+
+
+def test_an_unreachable_list_url_is_one_error(fetch: Fetch) -> None:
+    run = fetch(None, "-a", "list=http://127.0.0.1:1/list.txt", settings={"RETRY_TIMES": 1})
+    assert run.returncode == 1
+    assert len(re.findall(r"\] ERROR: ", run.log)) == 1, run.log
+    assert "cannot fetch the list http://127.0.0.1:1/list.txt: connection refused" in run.log

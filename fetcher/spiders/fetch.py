@@ -202,17 +202,30 @@ class FetchSpider(Spider):
         threading.Thread(target=count, name="fetcher-list-count", daemon=True).start()
 
     async def _download_list(self, url: str, dest: Path) -> Path:
-        """Stream the list to a temporary file, so that even a huge one is read lazily."""
-        writer = HashingWriter(dest, url, ("md5",), resume=False)
-        request = Request(url, meta={SINK_META: writer}, headers={"Accept-Encoding": "identity"})
-        try:
-            response = await self.crawler.engine.download_async(request)
-        except Exception as exc:
-            raise ListUnavailable(f"cannot fetch the list {url}: {exc}") from exc
-        if STREAMED_FLAG not in response.flags:
-            raise ListUnavailable(f"cannot fetch the list {url}: HTTP {response.status}")
-        writer.commit()
-        return dest
+        """Stream the list to a temporary file, so that even a huge one is read lazily.
+        A failure is retried quietly (RETRY_TIMES, short backoff) and reported once."""
+        settings = self.crawler.settings
+        attempts = 1 + (settings.getint("RETRY_TIMES") if settings.getbool("RETRY_ENABLED") else 0)
+        retry_codes = {int(c) for c in settings.getlist("RETRY_HTTP_CODES")}
+        problem = ""
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(2.0**attempt / 4, 5.0))
+            writer = HashingWriter(dest, url, ("md5",), resume=False)
+            request = Request(url, meta={SINK_META: writer, "dont_retry": True},
+                              headers={"Accept-Encoding": "identity"})
+            try:
+                response = await self.crawler.engine.download_async(request)
+            except Exception as exc:  # noqa: BLE001 - any failure is worth another try
+                problem = str(exc) or type(exc).__name__
+                continue
+            if STREAMED_FLAG in response.flags:
+                writer.commit()
+                return dest
+            problem = f"HTTP {response.status}"
+            if response.status not in retry_codes:
+                break
+        raise ListUnavailable(f"cannot fetch the list {url}: {problem}")
 
 
 def _is_url(value: str) -> bool:
