@@ -22,11 +22,14 @@ def run_key(text: str) -> int:
 @dataclass
 class FetchItem:
     """One download: the stock ``file_urls``/``files`` fields, plus the list
-    entries (``out=``, checksum) the pipeline needs for each URL."""
+    entries (``out=``, checksum) the pipeline needs for each URL, and the URL's
+    record once it ended (``record``, the manifest line): a feed export of the
+    fetch spider's items (Scrapyd's ``items_url``) is its records."""
 
     file_urls: list[str]
     fetcher_entries: list[Entry] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ from fetcher._scrapy_private import spider_closing
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.exceptions import StartupError
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
-from fetcher.items import BAD_LINE, FileRecord, run_key
+from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
@@ -252,6 +252,9 @@ class StreamingFilesPipeline(FilesPipeline):
             else (False, Failure(IgnoreRequest(r.error)))
             for r in records
         ])
+        if isinstance(item, FetchItem) and self.records is not None and records:
+            stored = self.records.lookup(records[0].url)
+            item.record = stored.manifest() if stored is not None else {}
         return self.item_completed(results, item, self.spiderinfo)
 
     # -- one file

@@ -42,6 +42,9 @@ EXTENSIONS = {
     "fetcher.extensions.Summary": 110,
 }
 
+# A feed export of the fetch spider's items (-O records.jsonl, Scrapyd's items_url) is its records.
+FEED_EXPORT_FIELDS = ["record"]
+
 # A downloader needs no control servers (Scrapy 2.19 starts two by default).
 TELNETCONSOLE_ENABLED = False
 REMOTE_CONTROL_ENABLED = False
@@ -73,3 +76,8 @@ FETCHER_PROGRESS_INTERVAL = 60.0  # seconds between progress log lines (the "log
 FETCHER_BACKOFF_BASE = 1.0  # first retry waits about this long (seconds), doubling each time
 FETCHER_BACKOFF_MAX = 60.0  # cap on the exponential backoff (seconds)
 FETCHER_RETRY_AFTER_MAX = 600.0  # cap on a server's Retry-After (seconds)
+
+# --- A shared queue (scrapy enqueue REDIS_URL LIST; scrapy crawl fetch -a list=REDIS_URL) ---------
+FETCHER_QUEUE_LEASE = 60.0  # seconds an entry stays a dead worker's before another takes it (live ones renew it)
+FETCHER_QUEUE_IDLE = 10.0  # a worker ends after this many seconds with nothing waiting or in flight anywhere; 0: never
+FETCHER_QUEUE_MAX_DELIVERIES = 5  # an entry delivered this often without an acknowledgement is dead-lettered

@@ -4,6 +4,7 @@
     scrapy crawl fetch -a list=-               # standard input
     scrapy crawl fetch -a list=https://h/l.txt # a list fetched over HTTP (Scrapyd)
     scrapy crawl fetch -a urls="URL URL ..."   # inline
+    scrapy crawl fetch -a list=redis://host:6379/0?queue=NAME  # a worker on a shared queue
 
 The list is read lazily (gzip-compressed lists too), and no more than
 FETCHER_MAX_PENDING entries are in progress at once, so a list of millions of
@@ -41,10 +42,15 @@ from fetcher.writer import HashingWriter
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
 
+    from fetcher.queue import Delivery
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _IDLE_POLL = 0.02  # seconds between idleness checks once the list is exhausted
+#: Scrapyd passes each argument on one command line, and past ~128 KiB the job never starts.
+_MAX_INLINE = 64 * 1024
+_QUEUE_POLL = 0.5  # seconds between looks at an empty queue
 
 
 class ListUnavailable(Exception):
@@ -67,13 +73,21 @@ class FetchSpider(Spider):
         self._warned: set[str] = set()
         #: Whether the whole list was read (every entry then has a record): the exit status needs it.
         self.list_complete = False
+        self._queue: _QueueWorker | None = None
 
     @staticmethod
     def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:  # noqa: A002
         """Refuse a run that cannot start, before anything starts (ValueError)."""
         if bool(list) == bool(urls):
-            raise ValueError('give the URLs with either -a list=PATH|-|URL or -a urls="URL URL ..."')
-        if list and list != "-" and not _is_url(list):
+            raise ValueError('give the URLs with either -a list=PATH|-|URL|REDIS_URL or -a urls="URL URL ..."')
+        if urls and len(urls.encode()) > _MAX_INLINE:
+            raise ValueError(f"-a urls= holds {len(urls.encode()):,} bytes; past {_MAX_INLINE // 1024} KiB give the "
+                             "URLs as a list: -a list=PATH, -a list=https://host/list.txt, or a queue (scrapy enqueue)")
+        if list and is_queue_url(list):
+            from fetcher.queue import parse_queue_url  # noqa: PLC0415 - TEMP until fetcher.queue lands
+
+            parse_queue_url(list)  # ValueError for a malformed one
+        elif list and list != "-" and not _is_url(list):
             path = Path(list)
             if not path.is_file():
                 raise ValueError(f"list file {list} does not exist or is not a file")
@@ -95,10 +109,20 @@ class FetchSpider(Spider):
 
     async def start(self) -> AsyncIterator[Any]:
         pipelines = getattr(self.crawler.engine.scraper.itemproc, "middlewares", ())
-        if not any(isinstance(p, StreamingFilesPipeline) for p in pipelines):
+        pipeline = next((p for p in pipelines if isinstance(p, StreamingFilesPipeline)), None)
+        if pipeline is None:
             logger.error("Nothing would be downloaded: fetcher.pipelines.StreamingFilesPipeline is not in "
                          "ITEM_PIPELINES (or FILES_STORE is empty)")
             raise CloseSpider("no_pipeline")
+        if self.list_source and is_queue_url(self.list_source):
+            from fetcher.queue import QueueUnavailable  # noqa: PLC0415 - TEMP until fetcher.queue lands
+
+            self._queue = _QueueWorker(self.list_source, self.crawler.settings, pipeline)
+            try:
+                await asyncio.to_thread(self._queue.queue.check)
+            except QueueUnavailable as exc:
+                logger.error("Cannot use the queue: %s", exc)
+                raise CloseSpider("queue_unavailable") from exc
         self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
         count = 0
         stats = self.crawler.stats
@@ -110,7 +134,7 @@ class FetchSpider(Spider):
                     self._bad_line(entry)
                     continue
                 key = run_key(urldefrag(entry.url)[0])  # x.bin#frag is x.bin: fragments never reach a server
-                if key in self._seen:
+                if key in self._seen and self._queue is None:  # a queue's entries are unique already
                     logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, entry.url)
                     stats.inc_value("fetcher/duplicates")
                     continue
@@ -125,10 +149,17 @@ class FetchSpider(Spider):
         except ListUnavailable as exc:
             logger.error("%s", exc)
             raise CloseSpider("list_unavailable") from exc
+        if self._queue is not None and self._queue.lost:
+            return  # the queue went away: what was taken finishes, and the exit status says so
         self.list_complete = True
         stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
         if not count:
             logger.warning("The list has no URLs to download")
+
+    async def closed(self, reason: str) -> None:
+        """Acknowledgements still on their way to Redis finish before the process ends."""
+        if self._queue is not None:
+            await self._queue.close()
 
     async def _close_when_done(self) -> None:
         """Close as soon as the last file is done, not on the engine's next
@@ -149,6 +180,8 @@ class FetchSpider(Spider):
         if isinstance(item, FetchItem):
             self._pending -= 1
             self._room.set()
+            if self._queue is not None:
+                self._queue.finished(item.file_urls[0])
 
     def _warn(self, warnings: tuple[ListWarning, ...]) -> None:
         """Each kind of warning once per run: a list of a million lines with one
@@ -165,8 +198,14 @@ class FetchSpider(Spider):
             fetcher_signals.file_finished,
             record=FileRecord(entry, "failed", error=f"{bad.where}: {bad.reason}: {bad.text}", reason=BAD_LINE),
         )
+        if self._queue is not None:
+            self._queue.finished(entry.url)
 
     async def _entries(self) -> AsyncIterator[Entry | BadLine]:
+        if self._queue is not None:
+            async for e in self._queue.entries(lambda: self.max_pending - self._pending):
+                yield e
+            return
         if self.inline_urls:
             for e in parse_inline(self.inline_urls):
                 yield e
@@ -226,6 +265,106 @@ class FetchSpider(Spider):
             if response.status not in retry_codes:
                 break
         raise ListUnavailable(f"cannot fetch the list {url}: {problem}")
+
+
+class _QueueWorker:
+    """The spider's side of a shared queue (fetcher.queue): take entries as there
+    is room, keep their leases alive while they download, and acknowledge each
+    only after its record is in the store and in Redis. A worker that dies leaves
+    its entries to the others after FETCHER_QUEUE_LEASE; a lost Redis stops the
+    taking of work, and the run exits non-zero."""
+
+    def __init__(self, url: str, settings: Any, pipeline: StreamingFilesPipeline) -> None:
+        from fetcher.queue import RedisQueue  # noqa: PLC0415 - TEMP until fetcher.queue lands
+
+        self.lease = settings.getfloat("FETCHER_QUEUE_LEASE", defaults.FETCHER_QUEUE_LEASE)
+        self.idle = settings.getfloat("FETCHER_QUEUE_IDLE", defaults.FETCHER_QUEUE_IDLE)
+        self.queue = RedisQueue(url, lease=self.lease, max_deliveries=settings.getint(
+            "FETCHER_QUEUE_MAX_DELIVERIES", defaults.FETCHER_QUEUE_MAX_DELIVERIES))
+        self.pipeline = pipeline
+        self.lost = False
+        self._taken: dict[str, list[str]] = {}  # URL -> ids of the deliveries it answers
+        self._acks: set[asyncio.Task[None]] = set()
+
+    async def entries(self, room: Callable[[], int]) -> AsyncIterator[Entry | BadLine]:
+        heart = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            idle_since: float | None = None
+            while not self.lost:
+                free = room()
+                deliveries = await self._call(self.queue.take, max(1, min(free, 256))) if free > 0 else []
+                if deliveries is None:
+                    return
+                if deliveries:
+                    idle_since = None
+                    for delivery in deliveries:
+                        for e in self._parse(delivery):
+                            yield e
+                    continue
+                if free > 0 and not self._taken:  # nothing here: is there anything left anywhere?
+                    drained = await self._call(self.queue.drained)
+                    if drained is None:
+                        return
+                    now = asyncio.get_running_loop().time()
+                    idle_since = idle_since if drained and idle_since is not None else (now if drained else None)
+                    if self.idle and idle_since is not None and now - idle_since >= self.idle:
+                        return
+                await asyncio.sleep(_QUEUE_POLL)
+        finally:
+            heart.cancel()
+
+    def _parse(self, delivery: Delivery) -> Iterator[Entry | BadLine]:
+        parsed = [e for e in parse_lines(delivery.text.splitlines()) if isinstance(e, Entry | BadLine)]
+        first = parsed[0] if parsed else BadLine(0, delivery.text, "empty queue entry", delivery.url)
+        url = first.url if isinstance(first, Entry) else (first.url or first.text)
+        self._taken.setdefault(url, []).append(delivery.id)
+        yield first
+
+    def finished(self, url: str) -> None:
+        """The URL's record is in the store: copy it to Redis, then acknowledge."""
+        ids = self._taken.pop(url, [])
+        records = self.pipeline.records
+        record = records.lookup(url) if records is not None else None
+        if not ids or record is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._ack(url, record.manifest(), ids))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    async def _ack(self, url: str, record: dict[str, Any], ids: list[str]) -> None:
+        def ack() -> None:
+            self.queue.record(url, record)
+            for delivery_id in ids:
+                self.queue.ack(delivery_id)
+
+        await self._call(ack)
+
+    async def _heartbeat(self) -> None:
+        while not self.lost:
+            await asyncio.sleep(max(self.lease / 3, 0.2))
+            await self._call(self.queue.heartbeat)
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T | None:
+        """A Redis call off the event loop; a lost Redis is said once and stops the taking of work."""
+        from fetcher.queue import QueueUnavailable  # noqa: PLC0415 - TEMP until fetcher.queue lands
+
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except QueueUnavailable as exc:
+            if not self.lost:
+                self.lost = True
+                logger.error("Lost the queue: %s; no more work is taken, and what is in flight is not "
+                             "acknowledged (other workers take it over after FETCHER_QUEUE_LEASE)", exc)
+            return None
+
+    async def close(self) -> None:
+        if self._acks:
+            await asyncio.gather(*self._acks, return_exceptions=True)
+        self.queue.close()
+
+
+def is_queue_url(value: str) -> bool:  # TEMP until fetcher.queue lands
+    return value.startswith(("redis://", "rediss://"))
 
 
 def _is_url(value: str) -> bool:
