@@ -77,6 +77,8 @@ class Command(ScrapyCrawlCommand):
             try:
                 check(**opts.spargs)
             except ValueError as exc:
+                if self.settings.get("LOG_FILE"):  # Scrapyd: the job's log is where its reason is looked for
+                    logger.error("Cannot start: %s", exc)
                 raise UsageError(str(exc), print_help=False) from exc
         outcome = _Outcome()
         crawler.signals.connect(outcome.record, signal=fetcher_signals.file_finished, weak=False)

@@ -36,13 +36,12 @@ from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.pipelines import StreamingFilesPipeline
+from fetcher.queue import Delivery, QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
 from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_inline, parse_lines, text_lines
 from fetcher.writer import HashingWriter
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
-
-    from fetcher.queue import Delivery
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +83,6 @@ class FetchSpider(Spider):
             raise ValueError(f"-a urls= holds {len(urls.encode()):,} bytes; past {_MAX_INLINE // 1024} KiB give the "
                              "URLs as a list: -a list=PATH, -a list=https://host/list.txt, or a queue (scrapy enqueue)")
         if list and is_queue_url(list):
-            from fetcher.queue import parse_queue_url  # noqa: PLC0415 - TEMP until fetcher.queue lands
-
             parse_queue_url(list)  # ValueError for a malformed one
         elif list and list != "-" and not _is_url(list):
             path = Path(list)
@@ -115,8 +112,6 @@ class FetchSpider(Spider):
                          "ITEM_PIPELINES (or FILES_STORE is empty)")
             raise CloseSpider("no_pipeline")
         if self.list_source and is_queue_url(self.list_source):
-            from fetcher.queue import QueueUnavailable  # noqa: PLC0415 - TEMP until fetcher.queue lands
-
             self._queue = _QueueWorker(self.list_source, self.crawler.settings, pipeline)
             try:
                 await asyncio.to_thread(self._queue.queue.check)
@@ -275,8 +270,6 @@ class _QueueWorker:
     taking of work, and the run exits non-zero."""
 
     def __init__(self, url: str, settings: Any, pipeline: StreamingFilesPipeline) -> None:
-        from fetcher.queue import RedisQueue  # noqa: PLC0415 - TEMP until fetcher.queue lands
-
         self.lease = settings.getfloat("FETCHER_QUEUE_LEASE", defaults.FETCHER_QUEUE_LEASE)
         self.idle = settings.getfloat("FETCHER_QUEUE_IDLE", defaults.FETCHER_QUEUE_IDLE)
         self.queue = RedisQueue(url, lease=self.lease, max_deliveries=settings.getint(
@@ -346,8 +339,6 @@ class _QueueWorker:
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T | None:
         """A Redis call off the event loop; a lost Redis is said once and stops the taking of work."""
-        from fetcher.queue import QueueUnavailable  # noqa: PLC0415 - TEMP until fetcher.queue lands
-
         try:
             return await asyncio.to_thread(fn, *args)
         except QueueUnavailable as exc:
@@ -361,10 +352,6 @@ class _QueueWorker:
         if self._acks:
             await asyncio.gather(*self._acks, return_exceptions=True)
         self.queue.close()
-
-
-def is_queue_url(value: str) -> bool:  # TEMP until fetcher.queue lands
-    return value.startswith(("redis://", "rediss://"))
 
 
 def _is_url(value: str) -> bool:
