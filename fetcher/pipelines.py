@@ -205,7 +205,7 @@ class StreamingFilesPipeline(FilesPipeline):
             return
         entry = None if record.reason == BAD_LINE else record.entry.to_line()
         has_file = record.status != "failed"
-        self.records.put(StoredRecord(
+        self.records.put(durable=record.status != "uptodate", record=StoredRecord(
             url=record.url, status=record.status, path=record.path if has_file else None,
             size=record.size if has_file else None, mtime_ns=record.mtime_ns if has_file else None,
             checksum=record.checksum if has_file else None, algorithm=record.algorithm,
@@ -621,6 +621,8 @@ class StreamingFilesPipeline(FilesPipeline):
             await asyncio.sleep(_STOP_POLL)
         while not spider_closing(self.crawler):
             await asyncio.sleep(_STOP_POLL)
+            if self.records is not None:  # confirmations do not wait for the next record (see RecordStore.put)
+                self.records.flush()
         self._stopping = True
         if self._transfers:
             logger.info("Stopping: cutting %d transfers in flight; their .part files are kept, and a rerun "

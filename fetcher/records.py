@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -45,6 +46,8 @@ INDEX_NAME = "index.sqlite"
 _SCHEMA_VERSION = "1"
 _BUSY_TIMEOUT_MS = 60_000  # another process committing, or compacting a big manifest
 _CACHE_KIB = 32 * 1024  # the index of a big store stays in memory: reruns re-read no page
+_BATCH_SIZE = 500  # confirmations (uptodate records) written in one transaction...
+_BATCH_SECONDS = 1.0  # ...or after this long
 _LOCK_SPACE = 1 << 62  # byte offsets a path lock can take in files.lock
 #: Manifest fields, in the order they are written.
 MANIFEST_FIELDS = ("url", "status", "path", "size", "checksum", "algorithm", "http_status", "attempts",
@@ -113,6 +116,8 @@ class RecordStore:
         self._manifest_ino = -1
         self._ok = True  # the last write went through (a full disk is reported once, not per file)
         self.superseded = 0  # manifest lines of this run that replaced an earlier line of their URL
+        self._batch: list[StoredRecord] = []
+        self._batch_started = time.monotonic()
 
     @classmethod
     def open(cls, state_dir: Path, manifest: Path, failed_list: Path, store_dir: Path | None = None) -> RecordStore:
@@ -141,27 +146,43 @@ class RecordStore:
 
     # -- writing
 
-    def put(self, record: StoredRecord) -> None:
-        """Make *record* its URL's current record, in the index and the manifest."""
-        line = (json.dumps(record.manifest(), ensure_ascii=False) + "\n").encode()
+    def put(self, record: StoredRecord, *, durable: bool = True) -> None:
+        """Make *record* its URL's current record, in the index and the manifest.
+
+        A durable record (a file downloaded, a failure) is committed at once. One
+        that only confirms what the index holds (``uptodate``) may wait up to
+        _BATCH_SECONDS or _BATCH_SIZE records to share a transaction: a rerun of
+        a big store then writes (and SQLite's checkpoints read back) a few pages
+        per batch instead of a few per file; a kill loses only confirmations."""
+        self._batch.append(record)
+        if durable or len(self._batch) >= _BATCH_SIZE or time.monotonic() - self._batch_started >= _BATCH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the records waiting in the batch (see put)."""
+        batch, self._batch, self._batch_started = self._batch, [], time.monotonic()
+        if not batch:
+            return
+        lines = b"".join((json.dumps(r.manifest(), ensure_ascii=False) + "\n").encode() for r in batch)
         try:
             with self._locked(fcntl.LOCK_SH):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    replaced = self._db.execute("SELECT 1 FROM records WHERE url = ?", (record.url,)).fetchone()
-                    self._db.execute(
+                    replaced = sum(bool(self._db.execute("SELECT 1 FROM records WHERE url = ?", (r.url,)).fetchone())
+                                   for r in batch)
+                    self._db.executemany(
                         f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        tuple(asdict(record).values()),
+                        [tuple(asdict(r).values()) for r in batch],
                     )
-                    if replaced:
+                    if replaced and not self.superseded:  # once per process: a killed run leaves it set
                         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('superseded', '1')")
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
-                self.superseded += bool(replaced)
-                os.write(self._manifest(), line)
+                self.superseded += replaced
+                os.write(self._manifest(), lines)
             self._ok = True
         except (OSError, sqlite3.Error) as exc:
             self._report(exc)
@@ -181,10 +202,11 @@ class RecordStore:
     def compact(self) -> None:
         """Rewrite the manifest with one line per URL, if lines were superseded
         (by this run or a run that was killed), or if it went missing."""
+        self.flush()
         try:
             with self._locked(fcntl.LOCK_EX):
                 flagged = self._db.execute("SELECT value FROM meta WHERE key = 'superseded'").fetchone()
-                if not flagged and self.manifest_path.exists():
+                if not (flagged or self.superseded) and self.manifest_path.exists():
                     return
                 tmp = self.manifest_path.with_name(f"{self.manifest_path.name}.{os.getpid()}.tmp")
                 with tmp.open("w", encoding="utf-8") as f:
@@ -218,6 +240,7 @@ class RecordStore:
         return len(rows)
 
     def close(self) -> None:
+        self.flush()
         if self._manifest_fd >= 0:
             os.close(self._manifest_fd)
             self._manifest_fd = -1
@@ -254,7 +277,7 @@ class RecordStore:
         """A full disk must not stop the run: say it once, not per file."""
         if self._ok:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            logger.error("Cannot write the records in %s: %s; records are missing until the disk has room",
+            logger.error("Cannot write the records in %s: %s; records are missing until that is fixed",
                          self.state_dir, reason)
         self._ok = False
 
@@ -295,7 +318,11 @@ class RecordStore:
             if record.status == "failed":
                 record.entry = record.url if "://" in record.url else None
             elif not _import_file(record, old, store_dir):
-                continue
+                if not old.get("path"):
+                    continue
+                # A file that no longer matches (or is gone) keeps a record no stat matches: fetched again.
+                record.path, record.size, record.checksum = old["path"], old.get("size"), old.get("checksum")
+                record.algorithm, record.note = old.get("algorithm"), "did not match its record when imported"
             self._db.execute(
                 f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 tuple(asdict(record).values()),

@@ -75,6 +75,7 @@ _SMALL_BODY = 64 * 1024  # bodies up to this size are hashed directly instead of
 _HIGH_WATER = 4 * 1024 * 1024  # transport write buffer before we wait for the client
 _MAX_HEAD = 64 * 1024  # request line + headers
 _RESET_FLUSH_TIMEOUT = 5.0  # how long a drop waits for the kernel to deliver the bytes before B
+_HOLD_MAX = 120.0  # a held body goes on by itself after this long, so a forgotten gate cannot hang a test
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -365,7 +366,7 @@ def _float_param(params: dict[str, str], name: str) -> float | None:
     return value
 
 
-_INT_PARAMS = ("stall_at", "stall_times", "drop_at", "drop_times", "short")
+_INT_PARAMS = ("stall_at", "stall_times", "drop_at", "drop_times", "short", "hold_at")
 _FLOAT_PARAMS = ("delay", "stall_for", "rate", "retry_after_date")
 
 
@@ -435,6 +436,22 @@ def _content_disposition(filename: str) -> str:
         return f'attachment; filename="{quoted}"'
     fallback = quoted.encode("ascii", "replace").decode("ascii")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename, safe='')}"
+
+
+def _client_gone(writer: asyncio.StreamWriter) -> bool:
+    """Whether the client closed its end (FIN or RST) of a connection we are not reading from."""
+    if writer.transport.is_closing():
+        return True
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as peek:  # a dup: the loop owns sock
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _unsent_bytes(sock: Any) -> int:
@@ -528,6 +545,10 @@ class Origin:
         self.stats = OriginStats()
         self.versions: dict[str, int] = {}
         self.texts: dict[str, str] = {}
+        #: Gates for ``hold=<name>``: a body held at one stops there until the test opens it
+        #: with :meth:`release` (a closed gate is created on first use; opened gates stay open).
+        self.gates: dict[str, threading.Event] = {}
+        self._gates_lock = threading.Lock()
         #: Set False for long benchmarks so ``stats.requests`` does not grow without bound.
         self.record_requests = True
         self.certfile: str | None = None
@@ -591,6 +612,15 @@ class Origin:
         self._thread = None
         self._loop = None
         self._cleanup_tmp()
+
+    def gate(self, name: str) -> threading.Event:
+        """The gate ``hold=<name>`` waits on (closed until :meth:`release`)."""
+        with self._gates_lock:
+            return self.gates.setdefault(name, threading.Event())
+
+    def release(self, name: str) -> None:
+        """Open the gate ``name``: held bodies go on, later ones pass without stopping."""
+        self.gate(name).set()
 
     def reset_stats(self) -> None:
         """Zero the counters and the fail/stall/drop per-key state (versions/texts are kept)."""
@@ -877,12 +907,22 @@ class Origin:
         return self._simple(404, "not found\n")
 
     def _route_gen(self, req: _Request, size_text: str, raw_name: str, disposition: str | None = None) -> _Reply:
-        """/gen and /disposition: validators, conditional requests, ranges, gzip."""
+        """/gen and /disposition: validators, conditional requests, ranges, gzip.
+
+        ``range_size=<size>`` makes a misbehaving server: Range requests are answered as if the
+        file had ``<size>`` bytes (Content-Range total and body), while the ETag and
+        Last-Modified stay those of the full response, so only the length tells the two apart."""
         name = urllib.parse.unquote(raw_name)
         try:
             size = parse_size(size_text)
         except ValueError:
             return self._simple(404, f"bad size {size_text!r}\n")
+        range_size = size
+        if "range_size" in req.params:
+            try:
+                range_size = parse_size(req.params["range_size"])
+            except ValueError:
+                raise _BadParam(f"range_size must be a size, got {req.params['range_size']!r}") from None
         if not name:
             return self._simple(404, "missing name\n")
         params = req.params
@@ -909,12 +949,12 @@ class Origin:
             headers.append(("Accept-Ranges", "bytes"))
             range_header = req.headers.get("range")
             if range_header is not None and self._if_range_matches(req, etag, lm):
-                parsed = _parse_range(range_header, size)
+                parsed = _parse_range(range_header, range_size)
                 if parsed == "unsatisfiable":
-                    return self._simple(416, "range not satisfiable\n", [("Content-Range", f"bytes */{size}")])
+                    return self._simple(416, "range not satisfiable\n", [("Content-Range", f"bytes */{range_size}")])
                 if isinstance(parsed, tuple):
                     first, last = parsed
-                    headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+                    headers.append(("Content-Range", f"bytes {first}-{last}/{range_size}"))
                     return _Reply(206, headers, _GenBody(name, version, first, last - first + 1), shaped=True)
         return _Reply(200, headers, _GenBody(name, version, 0, size), shaped=True)
 
@@ -997,6 +1037,9 @@ class Origin:
             short = _int_param(params, "short")
             if short is not None and short < total:
                 events.append((short, 1, "short"))
+            hold_at = _int_param(params, "hold_at", 0)
+            if "hold" in params and hold_at is not None and hold_at < total:
+                events.append((hold_at, -1, "hold"))
             drop_at = _int_param(params, "drop_at")
             if drop_at is not None and drop_at < total:
                 if self._take("drop", req, _int_param(params, "drop_times", 1) or 0)[0]:
@@ -1020,6 +1063,9 @@ class Origin:
             if action == "stall":
                 await writer.drain()
                 await asyncio.sleep(stall_for)
+            elif action == "hold":
+                await writer.drain()
+                await self._hold(params["hold"], writer)
             elif action == "short":
                 await writer.drain()
                 finish()
@@ -1035,6 +1081,14 @@ class Origin:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep
+
+    async def _hold(self, name: str, writer: asyncio.StreamWriter) -> None:
+        """hold=<name>: wait until the test opens the gate (or the client is gone, or _HOLD_MAX)."""
+        gate = self.gate(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _HOLD_MAX
+        while not gate.is_set() and not _client_gone(writer) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     @staticmethod
     def _check_open(writer: asyncio.StreamWriter) -> None:

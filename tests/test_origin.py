@@ -314,3 +314,50 @@ def test_cli_detach_twice_on_same_port() -> None:
             assert response.read() == content_bytes("cli.bin", 1024)
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+def test_range_size_answers_ranges_for_another_length_with_the_same_validators(origin: Origin) -> None:
+    path = "/gen/5000/rs.bin?range_size=9000"
+    response, body = get(origin, path)
+    etag, date = response.getheader("ETag") or "", response.getheader("Last-Modified")
+    assert etag and response.status == 200 and response.getheader("Content-Length") == "5000"
+    assert body == content_bytes("rs.bin", 5000)
+    response, body = get(origin, path, {"Range": "bytes=1000-", "If-Range": etag})
+    assert response.status == 206
+    assert response.getheader("Content-Range") == "bytes 1000-8999/9000"
+    assert response.getheader("ETag") == etag and response.getheader("Last-Modified") == date
+    assert body == content_bytes("rs.bin", 9000)[1000:]
+    response, _ = get(origin, path, {"Range": "bytes=9000-"})
+    assert response.status == 416 and response.getheader("Content-Range") == "bytes */9000"
+    # Without the parameter the same file answers ranges for its own length.
+    response, _ = get(origin, "/gen/5000/rs.bin", {"Range": "bytes=1000-", "If-Range": etag})
+    assert response.status == 206 and response.getheader("Content-Range") == "bytes 1000-4999/5000"
+    response, _ = get(origin, "/gen/5000/rs.bin?range_size=lots")
+    assert response.status == 400
+
+
+def test_hold_pauses_a_body_until_its_gate_opens(origin: Origin) -> None:
+    path, size = "/gen/100k/held.bin", 100 * 1024
+    got: dict[str, bytes] = {}
+    client = threading.Thread(target=lambda: got.setdefault("body", get(origin, f"{path}?hold=g1&hold_at=1000")[1]))
+    client.start()
+    deadline = time.monotonic() + 10
+    while origin.stats.bytes_by_path[path] < 1000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert origin.stats.bytes_by_path[path] == 1000 and client.is_alive()  # held at the gate
+    origin.release("g1")
+    client.join(10)
+    assert got["body"] == content_bytes("held.bin", size)
+    _, body = get(origin, f"{path}?hold=g1&hold_at=1000")  # an open gate stays open
+    assert body == content_bytes("held.bin", size)
+
+
+def test_a_held_body_ends_when_its_client_hangs_up(origin: Origin) -> None:
+    with socket.create_connection(("127.0.0.1", origin.port), timeout=10) as sock:
+        sock.sendall(b"GET /gen/100k/gone.bin?hold=g2&hold_at=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(4096)
+    deadline = time.monotonic() + 10
+    while origin.stats.inflight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert origin.stats.inflight == 0 and not origin.gate("g2").is_set()
