@@ -178,3 +178,20 @@ def test_redis_lost_mid_run_stops_taking_work_and_exits_non_zero(fetch: Fetch, o
     assert w.returncode == 1
     assert "Lost the queue" in err and "Traceback" not in err
     assert origin.stats.hits < 20  # it stopped taking work
+
+
+def test_a_worker_on_a_finished_store_records_uptodate_and_ends(fetch: Fetch, origin: Origin,
+                                                                redis_server: RedisServer) -> None:
+    u = origin.url
+    listing = "".join(f"{u}/gen/4k/again{i}.bin\n" for i in range(30))
+    store = fetch.cwd / "store"
+    for name in ("first", "second"):  # a new queue each time: a queue hands out a URL once
+        queue_url = redis_server.url(name)
+        assert scrapy(fetch, "enqueue", queue_url, "-", stdin=listing).returncode == 0
+        w = worker(fetch, queue_url, store)
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err
+    records = merged_manifest(fetch, queue_url)
+    assert len(records) == 30 and {r["status"] for r in records} == {"uptodate"}
+    assert origin.stats.hits == 30  # the second queue fetched nothing
+    assert queue_state(fetch, queue_url)["in flight"] == 0

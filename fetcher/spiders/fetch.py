@@ -317,10 +317,13 @@ class _QueueWorker:
         """The URL's record is in the store: copy it to Redis, then acknowledge."""
         ids = self._taken.pop(url, [])
         records = self.pipeline.records
-        record = records.lookup(url) if records is not None else None
-        if not ids or record is None:
+        if not ids or records is None:
             return
-        task = asyncio.get_running_loop().create_task(self._ack(url, record.manifest(), ids))
+        records.flush()  # an uptodate record may be waiting for its batch
+        record = records.lookup(url)
+        manifest = record.manifest() if record is not None else {"url": url, "status": "failed",
+                                                                   "error": "no record was written"}
+        task = asyncio.get_running_loop().create_task(self._ack(url, manifest, ids))
         self._acks.add(task)
         task.add_done_callback(self._acks.discard)
 
