@@ -95,7 +95,8 @@ def test_three_workers_one_killed_nothing_lost(fetch: Fetch, origin: Origin, red
     assert sum(n - 1 for n in full.values() if n > 1) <= 8, full.most_common(10)
     state = queue_state(fetch, queue_url)
     assert state["waiting"] == 0 and state["in flight"] == 0, state
-    print(f"workers: {Counter(r['run'] for r in records)}")
+    print(f"records per worker run: {sorted(Counter(r['run'] for r in records).values())}; "
+          f"paths sent in full twice: {sum(n - 1 for n in full.values() if n > 1)}; lost: 0 of {len(names)}")
 
 
 def test_enqueue_from_stdin_and_url_with_bad_lines_and_duplicates(fetch: Fetch, origin: Origin,
