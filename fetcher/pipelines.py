@@ -29,7 +29,6 @@ from scrapy.exceptions import (
     DownloadFailedError,
     DownloadTimeoutError,
     IgnoreRequest,
-    NotConfigured,
     ResponseDataLossError,
 )
 from scrapy.http import Request, Response
@@ -49,7 +48,7 @@ from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
-from fetcher.stores import LocalTarget, S3Target, Target, target_for
+from fetcher.stores import LocalTarget, RemoteObject, RemoteTarget, Target, store_error, target_for
 from fetcher.urllist import Entry
 from fetcher.writer import (
     BodyError,
@@ -95,7 +94,7 @@ class StreamingFilesPipeline(FilesPipeline):
     """FilesPipeline whose bodies go socket → hashing writer → ``<path>.part`` → ``<path>``.
 
     Needs :class:`fetcher.handlers.StreamingDownloadHandler` for http/https,
-    and a FILES_STORE that is a local folder or ``s3://``. Settings: see
+    and a FILES_STORE that is a local folder, ``s3://``, ``gs://`` or ``ftp://``. Settings: see
     ``fetcher/settings.py`` (``FETCHER_*``) and RETRY_TIMES / RETRY_HTTP_CODES /
     RETRY_EXCEPTIONS, which it applies itself. A pipeline that cannot work stops
     the run (StartupError) rather than being disabled.
@@ -106,11 +105,8 @@ class StreamingFilesPipeline(FilesPipeline):
     def __init__(self, store_uri: str | PathLike[str], *, crawler: Crawler) -> None:
         try:
             super().__init__(store_uri, crawler=crawler)
-        except (NotConfigured, ImportError) as exc:  # stock disables itself quietly; doing nothing is worse
-            hint = "; pip install boto3" if str(store_uri).startswith("s3://") else ""
-            raise StartupError(f"FILES_STORE={store_uri!r} cannot be used: {exc}{hint}") from exc
-        except (KeyError, ValueError) as exc:  # an unknown scheme, an s3:// URI with no bucket
-            raise StartupError(f"FILES_STORE={store_uri!r} is not a store fetcher can use: {exc}") from exc
+        except Exception as exc:  # making Scrapy's store: a missing library, a bad URI, no credentials
+            raise store_error(str(store_uri), exc) from exc
         if not is_asyncio_available():
             raise StartupError(f"{type(self).__name__} needs the asyncio reactor (TWISTED_REACTOR)")
         s = crawler.settings
@@ -120,15 +116,15 @@ class StreamingFilesPipeline(FilesPipeline):
             raise StartupError(f"FETCHER_VERIFY must be one of {', '.join(_VERIFY_MODES)}, not {self.verify!r}")
         state = s.get("FETCHER_STATE_DIR", defaults.FETCHER_STATE_DIR)
         self.state_dir = Path(state) if state else self.target.state_default
-        reports = self.state_dir if isinstance(self.target, S3Target) else self.target.basedir
+        reports = self.state_dir if isinstance(self.target, RemoteTarget) else self.target.basedir
         self.manifest_path = Path(s.get("FETCHER_MANIFEST") or reports / "manifest.jsonl")
         self.failed_path = Path(s.get("FETCHER_FAILED_LIST") or reports / "failed.txt")
         self.run_id = new_run_id()
         # Opened before the engine starts: a store that cannot work stops the run before it begins.
-        if isinstance(self.target, S3Target):
+        if isinstance(self.target, RemoteTarget):
             self.target.check()
         try:
-            store_dir = None if isinstance(self.target, S3Target) else self.target.basedir
+            store_dir = None if isinstance(self.target, RemoteTarget) else self.target.basedir
             self.records: RecordStore | None = RecordStore.open(
                 self.state_dir, self.manifest_path, self.failed_path, store_dir)
             self.locks = PathLocks(self.state_dir)
@@ -189,7 +185,7 @@ class StreamingFilesPipeline(FilesPipeline):
                 f"# Retry them with: scrapy crawl fetch -a list={self.failed_path}\n")
             if count:
                 logger.info("%d URLs of this store are failed; retry them with -a list=%s", count, self.failed_path)
-            if isinstance(self.target, S3Target) and self.manifest_path.exists():
+            if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
                 try:
                     await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
                 except Exception as exc:  # noqa: BLE001 - the local manifest is still complete
@@ -296,7 +292,7 @@ class StreamingFilesPipeline(FilesPipeline):
     def _settle(self, path: str) -> str:
         """wget's rule for a name that is also a folder (``/a`` and ``/a/b`` in one
         store): the file is saved as ``<name>/index.html``, like a URL ending in "/"."""
-        if isinstance(self.target, S3Target):
+        if isinstance(self.target, RemoteTarget):
             return path
         try:
             return f"{path}/{INDEX_NAME}" if self.target.local_path(path).is_dir() else path
@@ -351,7 +347,7 @@ class StreamingFilesPipeline(FilesPipeline):
             final = self.target.local_path(path)
         except ValueError as exc:
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
-        if not isinstance(self.target, S3Target):
+        if isinstance(self.target, LocalTarget):
             try:
                 await self._clear_parents(path)
             except OSError as exc:
@@ -384,7 +380,7 @@ class StreamingFilesPipeline(FilesPipeline):
                         return record  # _uptodate filled it in
                     self._complete(response, writer, record)
                     record.mirror = mirrors[at] if mirrors[at] != entry.url else None
-                    if isinstance(self.target, S3Target):
+                    if isinstance(self.target, RemoteTarget):
                         await self._upload(writer.final, record)
                     return record
                 except _Outcome as outcome:
@@ -454,7 +450,7 @@ class StreamingFilesPipeline(FilesPipeline):
         prior = self.records.lookup(record.url)
         if prior is not None and not (prior.has_file and prior.path == record.path):
             prior = None
-        if isinstance(self.target, S3Target):
+        if isinstance(self.target, RemoteTarget):
             return await self._uptodate_remote(prior, record)
         try:
             st = os.stat(final)
@@ -495,17 +491,32 @@ class StreamingFilesPipeline(FilesPipeline):
         return True
 
     async def _uptodate_remote(self, prior: StoredRecord | None, record: FileRecord) -> bool:
-        """A remote object is up to date when a HEAD shows the size and digest fetcher stored with it."""
-        assert isinstance(self.target, S3Target) and record.path is not None
+        """A remote object is up to date when a HEAD shows the size and digest fetcher
+        stored with it; on a store without object metadata (FTP), when its size is the
+        one this store's records hold for the URL, whose digest is then reported."""
+        assert isinstance(self.target, RemoteTarget) and record.path is not None
         try:
             found = await asyncio.to_thread(self.target.head, record.path)
         except Exception as exc:  # noqa: BLE001 - a store that cannot answer: fetch and upload again
             logger.warning("Cannot check %s in %s: %s", record.path, self.target.describe(), exc)
             return False
         expected = record.entry.checksum
-        if found is None or found.checksum is None or found.algorithm != self.algorithm:
+        if found is None:
             if prior is not None:
                 record.note = f"{record.path} was recorded by run {prior.run} but is missing from the store; fetched again"
+            return False
+        if not self.target.OBJECT_DIGESTS:  # only the records know the digest: they must vouch for the object
+            if prior is None:
+                return self._replace(record, f"{record.path} is in the store without a record of this URL; "
+                                             "fetched again")
+            if found.size != prior.size:
+                return self._replace(record, f"{record.path} in the store is not the object run {prior.run} recorded "
+                                             f"({found.size} bytes, recorded {prior.size}); fetched again")
+            found = RemoteObject(found.size, prior.algorithm, prior.checksum)
+        if found.checksum is None or found.algorithm != self.algorithm:
+            if prior is not None:
+                record.note = (f"{record.path} in the store has no {self.algorithm} digest of fetcher's "
+                               "(another tool's object, or another FETCHER_ALGORITHM); fetched again")
             return False
         if prior is not None and (prior.size, prior.checksum) != (found.size, found.checksum):
             return self._replace(record, f"{record.path} in the store is not the object run {prior.run} recorded; "
@@ -679,14 +690,14 @@ class StreamingFilesPipeline(FilesPipeline):
     async def _upload(self, local: Path, record: FileRecord) -> None:
         """Upload a verified file from the spool; retried with backoff, and never
         recorded as downloaded unless the store took it. The spool copy goes either way."""
-        assert isinstance(self.target, S3Target) and record.path and record.checksum and record.size is not None
+        assert isinstance(self.target, RemoteTarget) and record.path and record.checksum and record.size is not None
         try:
             for attempt in range(1, self.retry_times + 2):
                 try:
                     await asyncio.to_thread(self.target.upload, local, record.path, record.size,
                                             self.algorithm, record.checksum)
                     return
-                except Exception as exc:  # noqa: BLE001 - botocore and s3transfer raise many kinds
+                except Exception as exc:  # noqa: BLE001 - every store's client raises many kinds
                     if attempt > self.retry_times or spider_closing(self.crawler):
                         record.status, record.reason = "failed", "upload failed"
                         record.error = f"upload to {self.target.describe()} failed: {exc}"
