@@ -216,15 +216,16 @@ def safe_relpath(path: str) -> str:
     return "/".join(segments)
 
 
-def resolve_in_store(store: str | os.PathLike[str], relpath: str) -> Path:
+def resolve_in_store(store: str | os.PathLike[str], relpath: str, *, resolved: bool = False) -> Path:
     """The absolute path of ``relpath`` in ``store``, refusing any way out.
 
     The store itself may be a symlink (it is resolved once), but no existing
     component below it may be: a symlink planted inside the store would
     otherwise carry writes anywhere. Checks only, creates nothing; the
     caller must still not follow symlinks created after this check.
+    ``resolved``: the caller resolved the store already (once per run, not per file).
     """
-    root = Path(store).resolve()
+    root = Path(store) if resolved else Path(store).resolve()
     rel = safe_relpath(relpath)
     target = Path(os.path.normpath(root / rel))
     if target == root or not target.is_relative_to(root):

@@ -299,10 +299,12 @@ class StreamingFilesPipeline(FilesPipeline):
         except ValueError:  # an unsafe path: _fetch says so
             return path
 
-    async def _clear_parents(self, path: str) -> None:
+    async def _clear_parents(self, path: str, final: Path) -> None:
         """The other half of the rule: a finished file where a folder is needed moves
         to ``<name>/index.html`` (and its record with it) before this file is written."""
         assert isinstance(self.target, LocalTarget) and self.records is not None
+        if final.parent.is_dir():  # the common case: every folder is there, one stat says so
+            return
         segments = path.split("/")[:-1]
         for depth in range(1, len(segments) + 1):
             parent = "/".join(segments[:depth])
@@ -349,7 +351,7 @@ class StreamingFilesPipeline(FilesPipeline):
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
         if isinstance(self.target, LocalTarget):
             try:
-                await self._clear_parents(path)
+                await self._clear_parents(path, final)
             except OSError as exc:
                 return FileRecord(entry, "failed", path=path, error=f"cannot make the folders for {path}: "
                                   f"{exc.strerror or exc}", reason="disk error")

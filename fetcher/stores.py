@@ -66,10 +66,11 @@ class LocalTarget:
     def __init__(self, basedir: Path) -> None:
         self.basedir = basedir
         self.state_default = basedir / ".fetcher"
+        self._root = basedir.resolve()  # once: a realpath per file is measurable on big lists
 
     def local_path(self, path: str) -> Path:
         """Where the body of *path* is written (ValueError for a path leaving the store)."""
-        return resolve_in_store(self.basedir, path)
+        return resolve_in_store(self._root, path, resolved=True)
 
     def describe(self) -> str:
         return str(self.basedir)
