@@ -757,3 +757,16 @@ def test_text_lines_streams_a_pipe() -> None:
 def test_text_lines_bad_gzip_is_an_oserror() -> None:
     with pytest.raises(OSError):
         list(text_lines(io.BytesIO(gzip.compress(b"https://h/a\n" * 1000)[:-20])))
+
+
+def test_aria2_fixture_shapes() -> None:
+    """The shapes of aria2's own input-file test fixtures: TAB-separated mirrors with indented
+    out=/dir= (an absolute dir= stays refused, clearly), plain URL lines, blank lines."""
+    text = ("http://one.test/f\thttp://two.test/f\thttp://three.test/f\n  out=mine.out\n  dir=/abs\n"
+            "http://four.test/f.iso\n\n"
+            "http://one.test/g\thttp://two.test/g\n  out=g.out\n  dir=rel\n")
+    parsed = list(parse_lines(text.splitlines(True)))
+    assert [type(p).__name__ for p in parsed] == ["BadLine", "Entry", "Entry"]
+    assert "dir= must be a relative path" in parsed[0].reason and parsed[0].url == "http://one.test/f"
+    assert parsed[1].url == "http://four.test/f.iso" and parsed[1].mirrors == ()
+    assert parsed[2].mirrors == ("http://two.test/g",) and parsed[2].out == "rel/g.out"
