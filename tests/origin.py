@@ -57,6 +57,7 @@ __all__ = [
     "OriginStats",
     "content_bytes",
     "expected_digest",
+    "Gen",
     "parse_size",
     "main",
 ]
@@ -1240,6 +1241,25 @@ def _detach(args: argparse.Namespace, idle_exit: float) -> int:
     except BaseException:  # noqa: BLE001 - nobody is listening any more
         status = 1
     os._exit(status)
+
+
+
+@dataclass(frozen=True)
+class Gen:
+    """One generated file of the origin, and where fetcher names it in the store."""
+
+    name: str
+    size: int
+
+    def url(self, origin: Origin) -> str:
+        return f"{origin.url}/gen/{self.size}/{self.name}"
+
+    def path(self, origin: Origin) -> str:
+        return f"{origin.url.removeprefix('http://')}/gen/{self.size}/{self.name}"
+
+    @property
+    def digest(self) -> str:
+        return expected_digest(self.name, self.size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from pyftpdlib.handlers import FTPHandler
 from pyftpdlib.servers import FTPServer
 
 from tests.conftest import Fetch, Run
-from tests.origin import Origin, expected_digest
+from tests.origin import Gen, Origin
 
 MiB = 1024 * 1024
 USER, PASSWORD = "mirror", "pw-7c1e-secret"
@@ -148,24 +148,6 @@ class FTPFetch(StoreFetch):
 
     def remote_manifest(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.stored("manifest.jsonl").read_text().splitlines()]
-
-
-@dataclass(frozen=True)
-class Gen:
-    """One generated file of the origin, and where fetcher names it in the store."""
-
-    name: str
-    size: int
-
-    def url(self, origin: Origin) -> str:
-        return f"{origin.url}/gen/{self.size}/{self.name}"
-
-    def path(self, origin: Origin) -> str:
-        return f"{origin.url.removeprefix('http://')}/gen/{self.size}/{self.name}"
-
-    @property
-    def digest(self) -> str:
-        return expected_digest(self.name, self.size)
 
 
 SMALL = [Gen("small/a.bin", 10 * 1024), Gen("small/b.txt", 1), Gen("c.iso", 3 * MiB), Gen("empty.bin", 0)]

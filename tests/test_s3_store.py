@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("boto3", reason="the S3 store tests need boto3 (pip install -e '.[test]')")
 
 from tests.conftest import Fetch, Run
-from tests.origin import Origin, expected_digest
+from tests.origin import Gen, Origin
 from tests.s3 import S3Server, weed_binary
 
 MiB = 1024 * 1024
@@ -130,24 +130,6 @@ class S3Fetch(Fetch):
 
     def spool_files(self) -> list[Path]:
         return [p for p in self.spool.rglob("*") if p.is_file()] if self.spool.exists() else []
-
-
-@dataclass(frozen=True)
-class Gen:
-    """One generated file of the origin, and where fetcher names it in the store."""
-
-    name: str
-    size: int
-
-    def url(self, origin: Origin) -> str:
-        return f"{origin.url}/gen/{self.size}/{self.name}"
-
-    def path(self, origin: Origin) -> str:
-        return f"{origin.url.removeprefix('http://')}/gen/{self.size}/{self.name}"
-
-    @property
-    def digest(self) -> str:
-        return expected_digest(self.name, self.size)
 
 
 SMALL = [Gen("small/a.bin", 10 * 1024), Gen("small/b.txt", 1), Gen("c.iso", 3 * MiB), Gen("empty.bin", 0)]
