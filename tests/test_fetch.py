@@ -270,3 +270,19 @@ def test_an_unreachable_list_url_is_one_error(fetch: Fetch) -> None:
     assert run.returncode == 1
     assert len(re.findall(r"\] ERROR: ", run.log)) == 1, run.log
     assert "cannot fetch the list http://127.0.0.1:1/list.txt: connection refused" in run.log
+
+
+def test_a_list_packaged_with_fetcher(fetch: Fetch, origin: Origin) -> None:
+    """-a list=package:NAME reads fetcher/lists/NAME as package data (how a Scrapyd egg ships a list)."""
+    name = f"test-{time.monotonic_ns()}.txt"
+    packaged = Path(__file__).resolve().parent.parent / "fetcher" / "lists" / name
+    packaged.write_text(f"{origin.url}/gen/2k/packaged.bin\n  out=packaged.bin\n")
+    try:
+        run = fetch(None, "-a", f"list=package:{name}")
+    finally:
+        packaged.unlink()
+    assert run.returncode == 0, run.log
+    assert (run.store / "packaged.bin").read_bytes() == content_bytes("packaged.bin", 2048)
+    missing = fetch(None, "-a", "list=package:no-such-list.txt")
+    assert missing.returncode != 0 and "no list 'no-such-list.txt' is packaged" in missing.log
+    assert not (missing.store / "manifest.jsonl").exists() or len(missing.manifest) == 1

@@ -5,6 +5,7 @@
     scrapy crawl fetch -a list=https://h/l.txt # a list fetched over HTTP (Scrapyd)
     scrapy crawl fetch -a urls="URL URL ..."   # inline
     scrapy crawl fetch -a list=redis://host:6379/0?queue=NAME  # a worker on a shared queue
+    scrapy crawl fetch -a list=package:NAME    # a list shipped in fetcher/lists/ (Scrapyd eggs)
 
 The list is read lazily (gzip-compressed lists too), and no more than
 FETCHER_MAX_PENDING entries are in progress at once, so a list of millions of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pkgutil
 import queue
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
+from fetcher.naming import safe_relpath
 from fetcher.pipelines import StreamingFilesPipeline
 from fetcher.queue import Delivery, QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
 from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_inline, parse_lines, text_lines
@@ -50,6 +53,7 @@ _IDLE_POLL = 0.02  # seconds between idleness checks once the list is exhausted
 #: Scrapyd passes each argument on one command line, and past ~128 KiB the job never starts.
 _MAX_INLINE = 64 * 1024
 _QUEUE_POLL = 0.5  # seconds between looks at an empty queue
+_PACKAGED = "package:"  # -a list=package:NAME: fetcher/lists/NAME, shipped in the package (or egg)
 
 
 class ListUnavailable(Exception):
@@ -84,6 +88,8 @@ class FetchSpider(Spider):
                              "URLs as a list: -a list=PATH, -a list=https://host/list.txt, or a queue (scrapy enqueue)")
         if list and is_queue_url(list):
             parse_queue_url(list)  # ValueError for a malformed one
+        elif list and list.startswith(_PACKAGED):
+            _packaged_list(list)
         elif list and list != "-" and not _is_url(list):
             path = Path(list)
             if not path.is_file():
@@ -210,6 +216,14 @@ class FetchSpider(Spider):
         if _is_url(source):
             with tempfile.TemporaryDirectory(prefix="fetcher-list-") as tmp:
                 path = await self._download_list(source, Path(tmp) / "list.txt")
+                self._count_ahead(path)
+                async for e in _in_thread(lambda: _parse_file(path)):
+                    yield e
+            return
+        if source.startswith(_PACKAGED):
+            with tempfile.TemporaryDirectory(prefix="fetcher-list-") as tmp:
+                path = Path(tmp) / "list"
+                path.write_bytes(_packaged_list(source))
                 self._count_ahead(path)
                 async for e in _in_thread(lambda: _parse_file(path)):
                     yield e
@@ -355,6 +369,19 @@ class _QueueWorker:
         if self._acks:
             await asyncio.gather(*self._acks, return_exceptions=True)
         self.queue.close()
+
+
+def _packaged_list(source: str) -> bytes:
+    """A list shipped as package data in ``fetcher/lists/`` (read with pkgutil, so it
+    works from an installed package or a Scrapyd egg alike). ValueError when absent."""
+    name = source.removeprefix(_PACKAGED)
+    try:
+        data = pkgutil.get_data("fetcher", f"lists/{safe_relpath(name)}")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no list {name!r} is packaged in fetcher/lists/") from exc
+    if data is None:
+        raise ValueError(f"no list {name!r} is packaged in fetcher/lists/")
+    return data
 
 
 def _is_url(value: str) -> bool:
