@@ -232,7 +232,7 @@ FILES = [("a.bin", 200 * 1024), ("sub/b.bin", 1024 * 1024), ("c.bin", 3 * 1024)]
 
 @pytest.fixture(scope="module")
 def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Three jobs run side by side: a good list, a list with a 404, and -a urls= past 64 KiB."""
+    """Jobs run side by side: a good list, a list with a 404, -a urls= past 64 KiB, a packaged list."""
     assert scrapyd.deploy.returncode == 0, scrapyd.deploy.stdout + scrapyd.deploy.stderr
     u = origin.url
     origin.texts["scrapyd/good.txt"] = "".join(f"{u}/gen/{size}/{name}\n" for name, size in FILES)
@@ -245,6 +245,7 @@ def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFact
     size = len(big.encode())
     assert MAX_INLINE < size < 100 * 1024, size  # refused by fetcher, yet short enough for one command-line argument
     scrapyd.schedule("big", urls=big)
+    scrapyd.schedule("packaged", list="package:example.txt", setting=f"FILES_STORE={store}-packaged")
 
     deadline = time.monotonic() + DEADLINE
     wanted = set(scrapyd.jobs.values())
@@ -337,3 +338,11 @@ def test_inline_urls_over_64_kib_are_refused_before_any_work(scrapyd: Scrapyd,
 
 def test_inline_urls_refusal_is_in_the_job_log(scrapyd: Scrapyd, jobs: dict[str, dict[str, Any]]) -> None:
     assert "past 64 KiB" in _log(scrapyd, jobs["big"])
+
+
+def test_a_list_packaged_with_fetcher_is_read_by_a_job(scrapyd: Scrapyd, jobs: dict[str, dict[str, Any]]) -> None:
+    """fetcher/lists/example.txt, shipped as package data, read with pkgutil in the job (its URLs
+    point at port 8765: whether they download here does not matter, that each has a record does)."""
+    urls = {r["url"] for r in _records(scrapyd, jobs["packaged"])}
+    assert urls == {"http://127.0.0.1:8765/gen/64k/example/one.bin", "http://127.0.0.1:8765/gen/128k/example/two.bin"}
+    assert "fetcher summary: 2 URLs" in _log(scrapyd, jobs["packaged"])
