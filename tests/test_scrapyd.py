@@ -42,7 +42,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SCRAPY, Fetch
+from tests.redis_server import RedisServer
 from tests.origin import Origin, expected_digest
 
 #: Scrapyd's environment, as the README says to make it. setuptools: Scrapyd 1.6 runs eggs through
@@ -231,7 +232,21 @@ FILES = [("a.bin", 200 * 1024), ("sub/b.bin", 1024 * 1024), ("c.bin", 3 * 1024)]
 
 
 @pytest.fixture(scope="module")
-def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def redis_queue(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A queue on a real redis-server, filled with `scrapy enqueue` as the README says."""
+    fetch = Fetch(tmp_path_factory.mktemp("enqueue"))
+    with RedisServer() as server:
+        url = server.url("scrapyd")
+        listing = "".join(f"{origin.url}/gen/4k/queued{i}.bin\n" for i in range(20))
+        enq = subprocess.run([SCRAPY, "enqueue", url, "-"], input=listing, cwd=fetch.cwd, env=fetch.env(),
+                             capture_output=True, text=True, timeout=60)
+        assert enq.returncode == 0, enq.stderr
+        yield url
+
+
+@pytest.fixture(scope="module")
+def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFactory,
+         redis_queue: str) -> dict[str, dict[str, Any]]:
     """Jobs run side by side: a good list, a list with a 404, -a urls= past 64 KiB, a packaged list."""
     assert scrapyd.deploy.returncode == 0, scrapyd.deploy.stdout + scrapyd.deploy.stderr
     u = origin.url
@@ -246,6 +261,7 @@ def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFact
     assert MAX_INLINE < size < 100 * 1024, size  # refused by fetcher, yet short enough for one command-line argument
     scrapyd.schedule("big", urls=big)
     scrapyd.schedule("packaged", list="package:example.txt", setting=f"FILES_STORE={store}-packaged")
+    scrapyd.schedule("worker", list=redis_queue, setting=f"FILES_STORE={store}-worker")  # a queue worker job
 
     deadline = time.monotonic() + DEADLINE
     wanted = set(scrapyd.jobs.values())
@@ -346,3 +362,13 @@ def test_a_list_packaged_with_fetcher_is_read_by_a_job(scrapyd: Scrapyd, jobs: d
     urls = {r["url"] for r in _records(scrapyd, jobs["packaged"])}
     assert urls == {"http://127.0.0.1:8765/gen/64k/example/one.bin", "http://127.0.0.1:8765/gen/128k/example/two.bin"}
     assert "fetcher summary: 2 URLs" in _log(scrapyd, jobs["packaged"])
+
+
+def test_a_queue_worker_job_empties_the_queue(scrapyd: Scrapyd, jobs: dict[str, dict[str, Any]],
+                                             origin: Origin) -> None:
+    records = _records(scrapyd, jobs["worker"])
+    assert len(records) == 20 and {r["status"] for r in records} == {"downloaded"}
+    store = Path(f"{jobs['worker']['store']}-worker")
+    for i in range(20):
+        assert (store / origin.url.removeprefix("http://") / f"gen/4k/queued{i}.bin").stat().st_size == 4096
+    assert "Spider closed (finished)" in _log(scrapyd, jobs["worker"])
