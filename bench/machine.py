@@ -11,6 +11,30 @@ import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc's CPU times are in these
+#: The benchmarks' own nginx: one worker, loopback only, no logs; ``extra`` adds server lines.
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {work}/nginx-tmp/body;
+    proxy_temp_path {work}/nginx-tmp/proxy;
+    fastcgi_temp_path {work}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {work}/nginx-tmp/uwsgi;
+    scgi_temp_path {work}/nginx-tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {www};{extra}
+    }}
+}}
+"""
 
 
 def mount_tmpfs(path: Path, size_mb: int) -> None:

@@ -66,6 +66,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.machine import (
+    NGINX_CONF,
+    TICKS,
+    background_load,
+    cpu_seconds,
+    isolate,
+    machine_ticks,
+    mount_tmpfs,
+    process_tree,
+    spawn,
+    stop,
+    unmount,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 OUT = ROOT / "bench" / "out"
@@ -75,30 +89,6 @@ KIB, MIB, GIB = 1024, 1024**2, 1024**3
 EMPTY_LIST_EXIT = {"curl": 2}  # curl answers an empty config with "no URL specified!": its way of being done
 RUN_TIMEOUT = 600.0  # seconds; a run still going then is killed and counted as failed
 
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {work}/nginx-tmp/body;
-    proxy_temp_path {work}/nginx-tmp/proxy;
-    fastcgi_temp_path {work}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {work}/nginx-tmp/uwsgi;
-    scgi_temp_path {work}/nginx-tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {www};
-        location /slow/ {{ limit_rate 20m; }}
-    }}
-}}
-"""
 
 # The test origin in a process of its own (not a thread of this one), until its stdin closes.
 ORIGIN_SCRIPT = """\
@@ -112,18 +102,6 @@ origin.stop()
 """
 
 
-from bench.machine import (
-    TICKS,
-    background_load,
-    cpu_seconds,
-    isolate,
-    machine_ticks,
-    mount_tmpfs,
-    process_tree,
-    spawn,
-    stop,
-    unmount,
-)
 
 
 @dataclass
@@ -255,7 +233,7 @@ def start_nginx(binary: str, work: Path, www: Path) -> tuple[subprocess.Popen[by
     for _attempt in range(3):  # the free port may be taken before nginx binds it
         port = free_port()
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=work, www=www, port=port))
+        conf.write_text(NGINX_CONF.format(extra="\n        location /slow/ { limit_rate 20m; }", work=work, www=www, port=port))
         proc = subprocess.Popen([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if wait_listening(port, proc):

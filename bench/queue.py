@@ -54,38 +54,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tests.redis_server import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRAPY = str(Path(sys.executable).with_name("scrapy"))
-OUT = ROOT / "bench" / "out" / "queue.md"
-
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {work}/nginx-tmp/body;
-    proxy_temp_path {work}/nginx-tmp/proxy;
-    fastcgi_temp_path {work}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {work}/nginx-tmp/uwsgi;
-    scgi_temp_path {work}/nginx-tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {www};
-    }}
-}}
-"""
-
-
 from bench.machine import (
+    NGINX_CONF,
     background_load,
     cpu_seconds,
     isolate,
@@ -96,6 +66,14 @@ from bench.machine import (
     stop,
     unmount,
 )
+from tests.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRAPY = str(Path(sys.executable).with_name("scrapy"))
+OUT = ROOT / "bench" / "out" / "queue.md"
+
+
+
 
 
 @dataclass
@@ -136,7 +114,7 @@ def start_nginx(work: Path, www: Path) -> tuple[subprocess.Popen[bytes], int]:
     for _attempt in range(3):  # the free port may be taken before nginx binds it
         port = free_port()
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=work, www=www, port=port))
+        conf.write_text(NGINX_CONF.format(extra="", work=work, www=www, port=port))
         proc = subprocess.Popen([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
