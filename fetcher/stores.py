@@ -110,6 +110,10 @@ class RemoteTarget(ABC):
         """Where the body of *path* is spooled (ValueError for a path leaving the spool)."""
         return resolve_in_store(self.spool, path)
 
+    def key(self, path: str) -> str:
+        """The object name of *path*: under the store's prefix, as a folder."""
+        return _folder(self.store.prefix) + path
+
     def describe(self) -> str:
         return redacted(self.uri)
 
@@ -154,15 +158,11 @@ class S3Target(RemoteTarget):
             raise StartupError(f"FILES_STORE={uri} needs boto3: pip install boto3") from exc
         super().__init__(store, uri, settings)
         self.bucket = store.bucket
-        self.prefix = _folder(store.prefix)
         config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size)
         self._transfer = S3Transfer(client=store.s3_client, config=config)
 
-    def key(self, path: str) -> str:
-        return self.prefix + path
-
     def _probe(self) -> None:
-        self.store.s3_client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        self.store.s3_client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), MaxKeys=1)
 
     def head(self, path: str) -> RemoteObject | None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
@@ -200,11 +200,7 @@ class GCSTarget(RemoteTarget):
     def __init__(self, store: GCSFilesStore, uri: str, settings: BaseSettings) -> None:
         super().__init__(store, uri, settings)
         self.bucket = store.bucket
-        self.prefix = _folder(store.prefix)
         self.chunk_size = max(self._CHUNK, self.part_size // self._CHUNK * self._CHUNK)
-
-    def key(self, path: str) -> str:
-        return self.prefix + path
 
     def _probe(self) -> None:
         # Scrapy's store only logs missing permissions; without them every file would fail or be
