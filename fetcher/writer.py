@@ -1,7 +1,7 @@
 """The hashing writer: a response body goes to ``<final>.part`` and through the
 hash in the same pass, and reaches its final name only when it is complete.
 
-No Scrapy here: the download handler feeds it (``begin``/``write``/``finish``)
+No Scrapy here: the download handler feeds it through :class:`Sink` (``begin``/``write``/``finish``)
 and the pipeline owns it (``prepare``/``commit``/``discard``), so the rules for
 resuming, size caps and length checks are testable without a crawler.
 """
@@ -30,6 +30,24 @@ class HeadersLike(Protocol):
     """What ``begin`` needs of response headers (scrapy.http.Headers fits)."""
 
     def get(self, key: str) -> bytes | None: ...
+
+
+class Sink(Protocol):
+    """Where a download handler streams a body: all the handler may use of it
+    (fetcher.handlers depends on this, not on HashingWriter)."""
+
+    @property
+    def expected_size(self) -> int | None:
+        """The whole file's announced length once ``begin`` accepted a body; None if unknown."""
+
+    def begin(self, status: int, headers: HeadersLike) -> bool:
+        """Whether this response's body goes into the sink; raise to refuse the response."""
+
+    def write(self, data: bytes) -> None:
+        """Take the next body chunk; raise to stop the transfer (full disk, size cap)."""
+
+    def finish(self, *, accept_short: bool = False) -> None:
+        """The body ended; *accept_short* keeps a body cut short (DOWNLOAD_FAIL_ON_DATALOSS=False)."""
 
 
 class BodyError(Exception):
@@ -230,8 +248,12 @@ class HashingWriter:
             h.update(data)
         self._hashed = self.size
 
-    def finish(self) -> None:
-        """The body ended cleanly: check its length against what was announced."""
+    def finish(self, *, accept_short: bool = False) -> None:
+        """The body ended: check its length against what was announced. With
+        *accept_short* (the request asked to keep bodies cut short, as stock
+        DOWNLOAD_FAIL_ON_DATALOSS=False does) fewer bytes are the file: its size is what arrived."""
+        if accept_short and self.expected_size is not None and self.size < self.expected_size:
+            return
         if self.expected_size is not None and self.size != self.expected_size:
             raise LengthMismatch(
                 f"got {self.size} bytes, the server announced {self.expected_size}"

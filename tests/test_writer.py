@@ -150,6 +150,24 @@ def test_short_body_and_size_cap(tmp_path: Path) -> None:
         capped.write(b"x" * 51)
 
 
+def test_a_short_body_can_be_accepted(tmp_path: Path) -> None:
+    """DOWNLOAD_FAIL_ON_DATALOSS=False: the bytes that arrived are the file; a longer body still fails."""
+    w = HashingWriter(tmp_path / "a", "u", ("sha256",))
+    w.prepare()
+    w.begin(200, headers(Content_Length="100"))
+    w.write(b"x" * 60)
+    w.finish(accept_short=True)
+    w.commit()
+    assert (tmp_path / "a").read_bytes() == b"x" * 60 and w.size == 60
+    assert w.hexdigests()["sha256"] == hashlib.sha256(b"x" * 60).hexdigest()
+    long = HashingWriter(tmp_path / "b", "u", ("sha256",))
+    long.prepare()
+    long.begin(200, headers(Content_Length="10"))
+    long.write(b"x" * 11)
+    with pytest.raises(LengthMismatch):
+        long.finish(accept_short=True)
+
+
 def test_error_status_writes_nothing(tmp_path: Path) -> None:
     w = HashingWriter(tmp_path / "a", "u", ("sha256",))
     w.prepare()
