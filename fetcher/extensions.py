@@ -17,8 +17,10 @@ from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from tqdm import tqdm
 from twisted.internet.task import LoopingCall
-from fetcher import settings as defaults
+
 from fetcher import signals as fetcher_signals
+from fetcher.addon import DEFAULTS
+from fetcher.redact import safe_url
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -71,7 +73,7 @@ class Summary:
             self.failure_counts[reason] += 1
             examples = self.failures.setdefault(reason, [])
             if len(examples) < _EXAMPLES:
-                examples.append(record.url)
+                examples.append(safe_url(record.url))
 
     def closed(self, reason: str) -> None:
         logger.info("%s", self.text(reason))
@@ -82,7 +84,8 @@ class Summary:
         lines = [
             f"fetcher summary: {_plural(total, 'URL')} in {elapsed:.1f} s: "
             f"{self.counts['downloaded']} downloaded, {self.counts['uptodate']} up to date, "
-            f"{self.counts['failed']} failed" + ("" if reason == "finished" else f" (run ended: {reason})"),
+            + (f"{self.counts['cached']} from the HTTP cache, " if self.counts["cached"] else "")
+            + f"{self.counts['failed']} failed" + ("" if reason == "finished" else f" (run ended: {reason})"),
             f"  received {human_bytes(self.received)} at {human_bytes(self.received / elapsed)}/s",
         ]
         measurable = [h for h in self.host_files if self.host_bytes[h] >= _MEASURABLE * self.host_files[h]]
@@ -143,14 +146,14 @@ class Progress:
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Progress:
         s = crawler.settings
-        mode = str(s.get("FETCHER_PROGRESS", defaults.FETCHER_PROGRESS)).lower()
+        mode = str(s.get("FETCHER_PROGRESS", DEFAULTS["FETCHER_PROGRESS"])).lower()
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() and s.get("LOG_FILE") is None else "log"
         if mode in ("off", "false", "0", "none"):
             raise NotConfigured("FETCHER_PROGRESS is off")
         if mode not in ("bar", "log"):
             raise ValueError(f"FETCHER_PROGRESS must be auto, bar, log or off, not {mode!r}")
-        interval = s.getfloat("FETCHER_PROGRESS_INTERVAL", defaults.FETCHER_PROGRESS_INTERVAL)
+        interval = s.getfloat("FETCHER_PROGRESS_INTERVAL", DEFAULTS["FETCHER_PROGRESS_INTERVAL"])
         return cls(crawler, mode, interval)
 
     def opened(self) -> None:

@@ -47,7 +47,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers as TxHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from fetcher import settings as defaults
+from fetcher.addon import DEFAULTS
 from fetcher._scrapy_private import tls_policy
 from fetcher.writer import BodyError
 
@@ -137,9 +137,9 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._tls = tls_policy(crawler)
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
         # Unset: DOWNLOAD_TIMEOUT, as wget's --timeout covers reads too.
-        stall = settings.get("FETCHER_STALL_TIMEOUT", defaults.FETCHER_STALL_TIMEOUT)
+        stall = settings.get("FETCHER_STALL_TIMEOUT", DEFAULTS["FETCHER_STALL_TIMEOUT"])
         self._stall_timeout = self._timeout if stall in (None, "") else float(stall)
-        self._max_time = settings.getfloat("FETCHER_MAX_TIME", defaults.FETCHER_MAX_TIME)
+        self._max_time = settings.getfloat("FETCHER_MAX_TIME", DEFAULTS["FETCHER_MAX_TIME"])
         self._limits = _TransferLimits.of(crawler)
 
     async def download_request(self, request: Request) -> Response:

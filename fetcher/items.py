@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
+from fetcher.redact import host_of
 from fetcher.urllist import Entry
 
-Status = Literal["downloaded", "uptodate", "failed"]
+Status = Literal["downloaded", "cached", "uptodate", "failed"]
 BAD_LINE = "bad list line"  # the failure reason of a line that is not a valid entry
 
 
@@ -53,6 +53,8 @@ class FileRecord:
     mtime_ns: int | None = None  # of the finished file, for the store's records
     etag: str | None = None
     last_modified: str | None = None
+    fetched_at: str | None = None  # when the bytes of an up-to-date file came from the server
+    response: Any = field(default=None, repr=False)  # the Response that brought the file, for file_stored
 
     @property
     def url(self) -> str:
@@ -61,9 +63,4 @@ class FileRecord:
     @property
     def host(self) -> str:
         """host[:port], never the user:password a URL may carry."""
-        parts = urlsplit(self.entry.url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        return (parts.hostname or "(no host)") + (f":{port}" if port else "")
+        return host_of(self.entry.url)

@@ -17,10 +17,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urldefrag, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urldefrag
 
 from itemadapter import ItemAdapter
 from scrapy.exceptions import (
@@ -33,14 +34,18 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Request, Response
 from scrapy.http.request import NO_CALLBACK
-from scrapy.pipelines.files import FilesPipeline
+from scrapy.pipelines.files import FileException, FilesPipeline
+from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.asyncio import is_asyncio_available
-from scrapy.utils.misc import load_object
+from scrapy.utils.defer import ensure_awaitable
+from scrapy.utils.misc import arg_to_iter, load_object
+from scrapy.utils.python import global_object_name
+from scrapy.utils.response import response_status_message
 from twisted.python.failure import Failure
 
-from fetcher import settings as defaults
 from fetcher import signals
 from fetcher._scrapy_private import spider_closing
+from fetcher.addon import DEFAULTS
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.exceptions import StartupError
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
@@ -48,6 +53,7 @@ from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
+from fetcher.redact import safe_url
 from fetcher.stores import LocalTarget, RemoteObject, RemoteTarget, Target, store_error, target_for
 from fetcher.urllist import Entry
 from fetcher.writer import (
@@ -65,6 +71,7 @@ if TYPE_CHECKING:
     from os import PathLike
 
     from scrapy.crawler import Crawler
+    from scrapy.pipelines.files import FileInfo
     from scrapy.pipelines.media import FileInfoOrError, MediaPipeline
 
 logger = logging.getLogger(__name__)
@@ -111,10 +118,10 @@ class StreamingFilesPipeline(FilesPipeline):
             raise StartupError(f"{type(self).__name__} needs the asyncio reactor (TWISTED_REACTOR)")
         s = crawler.settings
         self.target: Target = target_for(self.store, str(store_uri), s)
-        self.verify = str(s.get("FETCHER_VERIFY", defaults.FETCHER_VERIFY)).lower()
+        self.verify = str(s.get("FETCHER_VERIFY", DEFAULTS["FETCHER_VERIFY"])).lower()
         if self.verify not in _VERIFY_MODES:
             raise StartupError(f"FETCHER_VERIFY must be one of {', '.join(_VERIFY_MODES)}, not {self.verify!r}")
-        state = s.get("FETCHER_STATE_DIR", defaults.FETCHER_STATE_DIR)
+        state = s.get("FETCHER_STATE_DIR", DEFAULTS["FETCHER_STATE_DIR"])
         self.state_dir = Path(state) if state else self.target.state_default
         reports = self.state_dir if isinstance(self.target, RemoteTarget) else self.target.basedir
         self.manifest_path = Path(s.get("FETCHER_MANIFEST") or reports / "manifest.jsonl")
@@ -130,28 +137,29 @@ class StreamingFilesPipeline(FilesPipeline):
             self.locks = PathLocks(self.state_dir)
         except OSError as exc:
             raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
-        self.algorithm: str = s.get("FETCHER_ALGORITHM", defaults.FETCHER_ALGORITHM)
+        self.algorithm: str = s.get("FETCHER_ALGORITHM", DEFAULTS["FETCHER_ALGORITHM"])
         try:
             hashlib.new(self.algorithm)  # an unknown name fails at start, not per file
         except ValueError as exc:
             raise StartupError(f"FETCHER_ALGORITHM={self.algorithm!r} is not a hashlib algorithm") from exc
-        self.name_query = s.getbool("FETCHER_NAME_QUERY", defaults.FETCHER_NAME_QUERY)
-        self.layout: str = s.get("FETCHER_LAYOUT", defaults.FETCHER_LAYOUT)
+        self.name_query = s.getbool("FETCHER_NAME_QUERY", DEFAULTS["FETCHER_NAME_QUERY"])
+        self.layout: str = s.get("FETCHER_LAYOUT", DEFAULTS["FETCHER_LAYOUT"])
         if self.layout not in ("url", "hash"):
             raise StartupError(f"FETCHER_LAYOUT must be 'url' or 'hash', not {self.layout!r}")
-        self.max_size = s.getint("FETCHER_MAX_SIZE", defaults.FETCHER_MAX_SIZE)
-        self.resume = s.getbool("FETCHER_RESUME", defaults.FETCHER_RESUME)
-        self.revalidate = s.getbool("FETCHER_REVALIDATE", defaults.FETCHER_REVALIDATE)
-        self.fsync = s.getbool("FETCHER_FSYNC", defaults.FETCHER_FSYNC)
+        self.max_size = s.getint("FETCHER_MAX_SIZE", DEFAULTS["FETCHER_MAX_SIZE"])
+        self.resume = s.getbool("FETCHER_RESUME", DEFAULTS["FETCHER_RESUME"])
+        self.revalidate = s.getbool("FETCHER_REVALIDATE", DEFAULTS["FETCHER_REVALIDATE"])
+        self.fsync = s.getbool("FETCHER_FSYNC", DEFAULTS["FETCHER_FSYNC"])
+        self.keep_empty = s.getbool("FETCHER_EMPTY_FILES", DEFAULTS["FETCHER_EMPTY_FILES"])
         self.retry_times = s.getint("RETRY_TIMES") if s.getbool("RETRY_ENABLED") else 0
         self.retry_codes = {int(c) for c in s.getlist("RETRY_HTTP_CODES")}
         self.retry_exceptions = tuple(
             load_object(x) if isinstance(x, str) else x for x in s.getlist("RETRY_EXCEPTIONS")
         )
         self.backoff = Backoff(
-            s.getfloat("FETCHER_BACKOFF_BASE", defaults.FETCHER_BACKOFF_BASE),
-            s.getfloat("FETCHER_BACKOFF_MAX", defaults.FETCHER_BACKOFF_MAX),
-            s.getfloat("FETCHER_RETRY_AFTER_MAX", defaults.FETCHER_RETRY_AFTER_MAX),
+            s.getfloat("FETCHER_BACKOFF_BASE", DEFAULTS["FETCHER_BACKOFF_BASE"]),
+            s.getfloat("FETCHER_BACKOFF_MAX", DEFAULTS["FETCHER_BACKOFF_MAX"]),
+            s.getfloat("FETCHER_RETRY_AFTER_MAX", DEFAULTS["FETCHER_RETRY_AFTER_MAX"]),
         )
         self._inflight: dict[str, tuple[str, asyncio.Future[FileRecord]]] = {}
         # Which URL each path of this run belongs to (hashes: ~100 bytes a file on huge lists).
@@ -161,6 +169,33 @@ class StreamingFilesPipeline(FilesPipeline):
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
         crawler.signals.connect(self.store_record, signal=signals.file_finished)
+        self._path_needs_response = _overrides(type(self), "file_path")
+        self._warn_about_overrides()
+        if self.layout == "hash" and s.getpriority("FETCHER_LAYOUT") in (None, SETTINGS_PRIORITIES["addon"]) \
+                and self.records.has_paths_outside("full"):
+            logger.warning(
+                "%s holds files named after their URLs (fetcher's earlier default layout), but FETCHER_LAYOUT "
+                "now defaults to 'hash' (stock FilesPipeline's full/<sha1>.<ext>): new files go there. Set "
+                "FETCHER_LAYOUT = 'url' in the project's settings to keep the URL names.", self.target.describe())
+
+    def _warn_about_overrides(self) -> None:
+        """Say at start which of stock FilesPipeline's hooks a subclass overrides that
+        streaming cannot call, and what to override instead (never a silent no-op)."""
+        replaced = {
+            "file_downloaded": "the body is on disk, not in response.body",
+            "media_downloaded": "the body is on disk, not in response.body",
+        }
+        for name, why in replaced.items():
+            if _overrides(type(self), name):
+                logger.warning("%s.%s is not called by fetcher's streaming pipeline (%s); override file_stored("
+                               "file_info, response, request, info, *, item) instead, which runs once the file is "
+                               "in the store", type(self).__name__, name, why)
+        store = type(self.store)
+        stock_store = FilesPipeline.STORE_SCHEMES.get(next(
+            (k for k, v in type(self).STORE_SCHEMES.items() if v is store), ""))
+        if stock_store is not None and store is not stock_store:
+            logger.warning("%s (STORE_SCHEMES) is not used to write or stat files: fetcher streams into the store "
+                           "itself, and its records say which files are complete", store.__name__)
 
     # -- the run
 
@@ -207,8 +242,8 @@ class StreamingFilesPipeline(FilesPipeline):
             checksum=record.checksum if has_file else None, algorithm=record.algorithm,
             http_status=record.http_status, attempts=record.attempts, error=record.error, note=record.note,
             mirror=record.mirror if has_file else None,
-            etag=record.etag, last_modified=record.last_modified, run=self.run_id, finished_at=utc_now(),
-            entry=entry,
+            etag=record.etag, last_modified=record.last_modified, run=self.run_id, finished_at=(now := utc_now()),
+            entry=entry, fetched_at=record.fetched_at if record.status == "uptodate" else now if has_file else None,
         ))
 
     # -- stock FilesPipeline hooks
@@ -239,19 +274,64 @@ class StreamingFilesPipeline(FilesPipeline):
             return super().file_path(request, response, info, item=item)
         return url_to_path(request.url, keep_query=self.name_query)
 
+    def media_to_download(self, request: Request, info: MediaPipeline.SpiderInfo, *,
+                          item: Any = None) -> FileInfo | None:
+        """Stock's hook to skip a download: a subclass may return a result (its status
+        as it says). fetcher's own check (the store's records) runs when it returns None."""
+        return None
+
+    def media_failed(self, failure: Failure, request: Request, info: MediaPipeline.SpiderInfo) -> NoReturn:
+        """A file that failed (already logged, with its record's reason): the failure is its result."""
+        failure.raiseException()
+
+    def media_downloaded(self, response: Response, request: Request, info: MediaPipeline.SpiderInfo, *,
+                         item: Any = None) -> FileInfo:
+        """Not called: a streamed body is on disk, not in ``response.body`` (see file_stored)."""
+        raise NotImplementedError("fetcher's streaming pipeline calls file_stored instead")
+
+    def file_stored(self, file_info: FileInfo, response: Response, request: Request,
+                    info: MediaPipeline.SpiderInfo, *, item: Any = None) -> FileInfo:
+        """fetcher's stand-in for stock's ``file_downloaded``/``media_downloaded``:
+        called once a downloaded (or cached) file is complete in the store, with
+        its ``files`` entry (``path`` relative to FILES_STORE); returns the entry."""
+        return file_info
+
     async def process_item(self, item: Any, spider: Any = None) -> Any:
-        requests = self.get_media_requests(item, self.spiderinfo)
-        records = await asyncio.gather(*(self._fetch_once(r, item) for r in requests))
-        results = cast("list[FileInfoOrError]", [
-            (True, {"url": r.url, "path": r.path, "checksum": r.checksum, "status": r.status})
-            if r.status != "failed"
-            else (False, Failure(IgnoreRequest(r.error)))
-            for r in records
-        ])
-        if isinstance(item, FetchItem) and self.records is not None and records:
-            stored = self.records.lookup(records[0].url)
+        info = self.spiderinfo
+        requests: list[Request] = list(arg_to_iter(self.get_media_requests(item, info)))
+        results = list(await asyncio.gather(*(self._process_request(r, item) for r in requests)))
+        if isinstance(item, FetchItem) and self.records is not None and requests:
+            stored = self.records.lookup(requests[0].url)
             item.record = stored.manifest() if stored is not None else {}
-        return self.item_completed(results, item, self.spiderinfo)
+        return self.item_completed(results, item, info)
+
+    async def _process_request(self, request: Request, item: Any) -> FileInfoOrError:
+        """One media request, through stock's hooks: media_to_download, then the
+        streamed fetch, then file_stored or media_failed (and the request's errback)."""
+        info = self.spiderinfo
+        errback = request.errback
+        request.callback, request.errback = NO_CALLBACK, None
+        if ENTRY_META not in request.meta:  # a plain Request from a subclass's get_media_requests
+            request.meta[ENTRY_META] = Entry(request.url, 0)
+        try:
+            if (found := await ensure_awaitable(self.media_to_download(request, info, item=item))) is not None:
+                self.inc_stats(found.get("status", "uptodate"))
+                return True, found
+            record = await self._fetch_once(request, item)
+            if record.status != "failed":
+                result: FileInfo = {"url": request.url, "path": record.path or "", "checksum": record.checksum,
+                                    "status": record.status}
+                if record.response is not None:
+                    result = await ensure_awaitable(
+                        self.file_stored(result, record.response, request, info, item=item))
+                return True, result
+            self.media_failed(Failure(FileException(record.error or "failed")), request, info)
+            return True, None  # a media_failed that returns: stock's result is None too
+        except Exception as exc:  # noqa: BLE001 - a hook's error is this file's result, as in stock
+            failure = Failure(exc)
+            if errback is not None:
+                return True, errback(failure)
+            return False, failure
 
     # -- one file
 
@@ -277,7 +357,7 @@ class StreamingFilesPipeline(FilesPipeline):
             self._inflight[path] = (entry.url, future)
             try:
                 async with self._owning(path):
-                    record = await self._fetch(request, entry, path)
+                    record = await self._fetch(request, entry, path, item)
             except _Outcome as outcome:  # stopped while another process had the file
                 record = FileRecord(entry, "failed", error=str(outcome), reason=outcome.reason)
             except Exception as exc:  # a bug must not lose the record
@@ -343,7 +423,7 @@ class StreamingFilesPipeline(FilesPipeline):
         finally:
             self.locks.release(path)
 
-    async def _fetch(self, request: Request, entry: Entry, path: str) -> FileRecord:
+    async def _fetch(self, request: Request, entry: Entry, path: str, item: Any) -> FileRecord:
         started = time.monotonic()
         try:
             final = self.target.local_path(path)
@@ -366,6 +446,8 @@ class StreamingFilesPipeline(FilesPipeline):
         free_checks = _END_CHECKS
         last: _Outcome | None = None
         mirrors = self._mirror_order(entry, request)
+        retry_times = 0 if request.meta.get("dont_retry") else int(request.meta.get("max_retry_times",
+                                                                                   self.retry_times))
         at, tried, dead, failures = 0, {mirrors[0]}, set[str](), dict[str, str]()
         try:
             if await self._uptodate(request, final, algorithms, record):
@@ -380,7 +462,7 @@ class StreamingFilesPipeline(FilesPipeline):
                     if response.status == 304 and conditional:
                         record.http_status = 304
                         return record  # _uptodate filled it in
-                    self._complete(response, writer, record)
+                    self._complete(response, writer, record, request, item)
                     record.mirror = mirrors[at] if mirrors[at] != entry.url else None
                     if isinstance(self.target, RemoteTarget):
                         await self._upload(writer.final, record)
@@ -406,10 +488,10 @@ class StreamingFilesPipeline(FilesPipeline):
                             dead.add(mirrors[at])
                         following = [(at + i) % len(mirrors) for i in range(1, len(mirrors) + 1)]
                         alive = [i for i in following if mirrors[i] not in dead]
-                        if not alive or record.attempts > self.retry_times + len(mirrors) - 1:
+                        if not alive or record.attempts > retry_times + len(mirrors) - 1:
                             record.status, record.reason = "failed", outcome.reason
                             record.error = "every mirror failed: " + "; ".join(
-                                f"{_safe(u)}: {why}" for u, why in failures.items())
+                                f"{safe_url(u)}: {why}" for u, why in failures.items())
                             return record
                         if alive[0] != at and not entry.checksum:
                             writer.discard()  # bytes of two mirrors are spliced only when a checksum checks them
@@ -418,13 +500,16 @@ class StreamingFilesPipeline(FilesPipeline):
                             tried.add(mirrors[at])
                             logger.debug("Trying %s's mirror %s: %s", entry.url, mirrors[at], outcome)
                             continue
-                    elif not (outcome.retryable and record.attempts <= self.retry_times):
+                    elif not (outcome.retryable and record.attempts <= retry_times):
+                        if outcome.retryable:
+                            stats.inc_value("retry/max_reached")
                         record.status, record.error, record.reason = "failed", str(outcome), outcome.reason
                         return record
                     delay = self.backoff.delay(record.attempts, outcome.retry_after)
                     logger.debug("Retrying %s in %.1f s (attempt %d of %d): %s",
-                                 entry.url, delay, record.attempts + 1, self.retry_times + 1, outcome)
+                                 safe_url(entry.url), delay, record.attempts + 1, retry_times + 1, outcome)
                     stats.inc_value("retry/count")
+                    stats.inc_value(f"retry/reason_count/{_stats_reason(outcome)}")
                     stats.inc_value("fetcher/retry_waiting")
                     try:
                         await self._wait(delay)
@@ -475,6 +560,13 @@ class StreamingFilesPipeline(FilesPipeline):
                                                  f"run {prior.run} (found {found[prior.algorithm]}); fetched again")
                 digests = found
             record.etag, record.last_modified = prior.etag, prior.last_modified
+            record.fetched_at = prior.fetched_at or prior.finished_at
+            if self._expired(record.fetched_at):
+                record.note = f"{record.path} was fetched more than FILES_EXPIRES ({self.expires} days) ago; fetched again"
+                return False
+        elif self._expired(st.st_mtime):  # another tool's file: its age is its mtime, as stock counts it
+            record.note = f"{record.path} on disk is older than FILES_EXPIRES ({self.expires} days); fetched again"
+            return False
         elif expected is not None:
             _, digests = await self._hash(final, algorithms)
             record.note = f"found on disk without a record; it matches the list's {expected.algorithm}"
@@ -527,8 +619,20 @@ class StreamingFilesPipeline(FilesPipeline):
             return self._replace(record, f"{record.path} in the store does not match the list's checksum; fetched again")
         if prior is not None:
             record.etag, record.last_modified = prior.etag, prior.last_modified
+            record.fetched_at = prior.fetched_at or prior.finished_at
+            if self._expired(record.fetched_at):
+                record.note = f"{record.path} was fetched more than FILES_EXPIRES ({self.expires} days) ago; fetched again"
+                return False
         record.status, record.size, record.checksum = "uptodate", found.size, found.checksum
         return True
+
+    def _expired(self, when: str | float | None) -> bool:
+        """Older than FILES_EXPIRES days (stock's rule; 0: always), from a record's
+        time or a file's mtime. A record without a time never expires."""
+        if when is None:
+            return False
+        stamp = when if isinstance(when, float) else datetime.fromisoformat(when).timestamp()
+        return (time.time() - stamp) / 86400 > self.expires
 
     @staticmethod
     def _replace(record: FileRecord, note: str) -> bool:
@@ -603,7 +707,8 @@ class StreamingFilesPipeline(FilesPipeline):
         attempt = request.replace(
             url=url,
             headers=headers,
-            meta={**request.meta, SINK_META: writer, "dont_retry": True},
+            meta={**request.meta, SINK_META: writer, "dont_retry": True,
+                  **({} if self.allow_redirects else {"dont_redirect": True})},
         )
         # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
         # neither a request queued behind its host's limit nor a backoff holds one.
@@ -643,16 +748,23 @@ class StreamingFilesPipeline(FilesPipeline):
         for transfer in list(self._transfers):
             transfer.cancel()
 
-    def _complete(self, response: Response, writer: HashingWriter, record: FileRecord) -> None:
+    def _complete(self, response: Response, writer: HashingWriter, record: FileRecord, request: Request,
+                  item: Any) -> None:
         """Judge a response: commit the file, or raise the _Outcome to act on."""
         status = response.status
         record.http_status = status
-        if writer.is_complete_part(status, response.headers):
+        cached = "cached" in response.flags
+        if "download_stopped" in response.flags:
+            raise _Outcome("stopped by StopDownload (a headers_received or bytes_received handler)",
+                           reason="stopped by StopDownload", retryable=False, http_status=status, keep_part=False)
+        if cached and 200 <= status < 300:  # Scrapy's HTTP cache answered: its body is in memory
+            self._write_body(writer, response)
+        elif writer.is_complete_part(status, response.headers):
             writer.size = writer.offset  # nothing was missing: the kept part is the whole file
         elif status == 416 and writer.offset:  # the kept part is not a prefix of the file: start over
             raise _Outcome("the server refused to resume (HTTP 416)", reason="bad resume", retryable=True,
                            http_status=status, keep_part=False, free=True)
-        elif STREAMED_FLAG not in response.flags and 200 <= status < 300:
+        elif STREAMED_FLAG not in response.flags and 200 <= status < 300 and not cached:
             raise _Outcome(f"HTTP {status} but the body was not streamed: DOWNLOAD_HANDLERS must map this scheme "
                            "to fetcher.handlers.StreamingDownloadHandler", reason="not streamed",
                            retryable=False, http_status=status)
@@ -668,7 +780,10 @@ class StreamingFilesPipeline(FilesPipeline):
             # Ask for the bytes after it; a 416 says there are none.
             raise _Outcome("the body ended with the connection and no length", reason="unverified end",
                            retryable=True, http_status=status, free=True)
-        record.received = writer.transferred
+        record.received = 0 if cached else writer.transferred
+        if writer.size == 0 and not self.keep_empty:
+            raise _Outcome("empty body (stock FilesPipeline refuses empty files; FETCHER_EMPTY_FILES=True keeps them)",
+                           reason="empty-content", retryable=False, http_status=status, keep_part=False)
         digests = writer.hexdigests()
         expected = record.entry.checksum
         if expected and digests[expected.algorithm] != expected.hexdigest:
@@ -677,6 +792,9 @@ class StreamingFilesPipeline(FilesPipeline):
                 f"got {digests[expected.algorithm]}",
                 reason="checksum mismatch", retryable=False, http_status=status, keep_part=False,
             )
+        first = writer.final
+        if self._path_needs_response:  # a subclass's file_path that may name the file after its response
+            self._rename(writer, record, self.file_path(request, response, self.spiderinfo, item=item))
         if writer.final.is_dir():  # its name became a folder while it was downloaded (see _settle)
             writer.final, record.path = writer.final / INDEX_NAME, f"{record.path}/{INDEX_NAME}"
         try:
@@ -684,10 +802,43 @@ class StreamingFilesPipeline(FilesPipeline):
         except BodyError as exc:
             raise _Outcome(str(exc), reason=_reason(exc), retryable=False, http_status=status,
                            keep_part=False) from exc
-        record.status, record.size, record.checksum = "downloaded", writer.size, digests[self.algorithm]
-        record.mtime_ns = st.st_mtime_ns
+        record.status, record.size, record.checksum = "cached" if cached else "downloaded", writer.size, \
+            digests[self.algorithm]
+        record.mtime_ns, record.response = st.st_mtime_ns, response
+        if writer.final != first and isinstance(self.target, LocalTarget):
+            self.target.prune(first.parent)
+        if "dataloss" in response.flags:
+            record.note = (f"kept short: the connection ended after {writer.size} bytes of "
+                           f"{writer.expected_size} (DOWNLOAD_FAIL_ON_DATALOSS=False)")
         if writer.validators is not None:
             record.etag, record.last_modified = writer.validators.etag, writer.validators.last_modified
+
+    @staticmethod
+    def _write_body(writer: HashingWriter, response: Response) -> None:
+        """A body that is in memory (Scrapy's HTTP cache) goes through the writer like a streamed one."""
+        headers = response.headers.copy()
+        headers.pop(b"Content-Length", None)  # the cache's body may be decoded: its length is the body's
+        try:
+            writer.begin(200, headers)
+            writer.write(response.body)
+            writer.finish()
+        except BodyError as exc:
+            raise _Outcome(str(exc), reason=_reason(exc), retryable=False, keep_part=False) from exc
+
+    def _rename(self, writer: HashingWriter, record: FileRecord, path: str) -> None:
+        """Name the file as a subclass's file_path does once it sees the response."""
+        if path == record.path:
+            return
+        try:
+            writer.final = self.target.local_path(path)
+            writer.final.parent.mkdir(parents=True, exist_ok=True)
+        except ValueError as exc:
+            raise _Outcome(f"unsafe path {path!r}: {exc}", reason="unsafe path", retryable=False,
+                           keep_part=False) from exc
+        except OSError as exc:
+            raise _Outcome(f"cannot make the folders for {path}: {exc.strerror or exc}", reason="disk error",
+                           retryable=False, keep_part=False) from exc
+        record.path = path
 
     async def _upload(self, local: Path, record: FileRecord) -> None:
         """Upload a verified file from the spool; retried with backoff, and never
@@ -742,6 +893,16 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _stats_reason(outcome: _Outcome) -> str:
+    """The reason in Scrapy's ``retry/reason_count/*`` stats: the exception's
+    class path, or ``503 Service Unavailable`` for an HTTP status."""
+    if outcome.__cause__ is not None:
+        return global_object_name(type(outcome.__cause__))
+    if outcome.http_status is not None and outcome.reason.startswith("HTTP"):
+        return response_status_message(outcome.http_status)
+    return outcome.reason
+
+
 def _differences(st: os.stat_result, prior: StoredRecord) -> str:
     """What a stat shows changed in a recorded file, for the record's note."""
     found = []
@@ -762,10 +923,6 @@ def _entry_headers(entry: Entry) -> dict[str, str]:
     return headers
 
 
-def _safe(url: str) -> str:
-    """A URL for messages: never the user:password it may carry."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=host))
+def _overrides(cls: type, name: str) -> bool:
+    """Whether a subclass of fetcher's pipeline defines its own *name*."""
+    return getattr(cls, name) is not getattr(StreamingFilesPipeline, name)

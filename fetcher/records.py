@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fetcher.redact import safe_url
 from fetcher.writer import hash_file
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,13 @@ class StoredRecord:
     run: str | None = None
     finished_at: str | None = None
     entry: str | None = None  # the list entry (URL and options) to retry it with; None for a bad line
+    fetched_at: str | None = None  # when its bytes last came from the server (FILES_EXPIRES counts from it)
 
     def manifest(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in MANIFEST_FIELDS}
+        """The manifest line: every field as recorded, the URL without credentials."""
+        line = {name: getattr(self, name) for name in MANIFEST_FIELDS}
+        line["url"] = safe_url(self.url)
+        return line
 
     @property
     def has_file(self) -> bool:
@@ -138,6 +143,12 @@ class RecordStore:
     def lookup(self, url: str) -> StoredRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM records WHERE url = ?", (url,)).fetchone()
         return None if row is None else StoredRecord(*row)
+
+    def has_paths_outside(self, folder: str) -> bool:
+        """Whether any recorded file lies outside *folder* (another layout's files)."""
+        pattern = folder.replace("%", r"\%").replace("_", r"\_") + "/%"
+        query = "SELECT 1 FROM records WHERE path IS NOT NULL AND path NOT LIKE ? ESCAPE '\\' LIMIT 1"
+        return self._db.execute(query, (pattern,)).fetchone() is not None
 
     def __iter__(self) -> Iterator[StoredRecord]:
         cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM records ORDER BY finished_at, url")
@@ -284,6 +295,10 @@ class RecordStore:
     def _create_schema(self, store_dir: Path | None) -> None:
         columns = ", ".join(f"{c} {'TEXT PRIMARY KEY' if c == 'url' else ''}" for c in _COLUMNS)
         self._db.execute(f"CREATE TABLE IF NOT EXISTS records ({columns})")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        for column in _COLUMNS:  # fields added since the index was made are added empty
+            if column not in present:
+                self._db.execute(f"ALTER TABLE records ADD COLUMN {column}")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         version = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         if version is not None:

@@ -1,5 +1,7 @@
-"""fetcher's settings: Scrapy's own knobs tuned for bulk downloading, and every
-``FETCHER_*`` setting with its default, documented here once.
+"""The fetch project's settings: Scrapy's own knobs tuned for bulk downloading,
+fetcher's add-on, and the few choices of this project that differ from the
+add-on's stock-compatible defaults (every ``FETCHER_*`` default is documented in
+``fetcher/addon.py``).
 
 Override any of them per run (``-s CONCURRENT_REQUESTS=128``), per project, or
 per Scrapyd job. ``scrapy settings --get NAME`` shows the effective value.
@@ -29,18 +31,10 @@ DOWNLOAD_VERIFY_CERTIFICATES = True  # a downloader must not accept any certific
 # DOWNLOAD_MAXSIZE (1 GiB) still caps responses that are not streamed;
 # streamed files are capped by FETCHER_MAX_SIZE only.
 
-DOWNLOAD_HANDLERS = {
-    "http": "fetcher.handlers.StreamingDownloadHandler",
-    "https": "fetcher.handlers.StreamingDownloadHandler",
-}
-DOWNLOADER_MIDDLEWARES = {"fetcher.middlewares.RedirectGuardMiddleware": 650}  # before RedirectMiddleware (600)
-ITEM_PIPELINES = {"fetcher.pipelines.StreamingFilesPipeline": 1}
+# fetcher's components (handler, pipeline, redirect guard, progress, summary) and
+# every FETCHER_* default come from the add-on: fetcher/addon.py documents them.
+ADDONS = {"fetcher.Addon": 0}
 FILES_STORE = "downloads"  # relative to the working directory, or s3://bucket/prefix (AWS_* settings)
-EXTENSIONS = {
-    "scrapy.extensions.logstats.LogStats": None,  # replaced by fetcher's progress lines
-    "fetcher.extensions.Progress": 90,  # first: its bar is closed before the summary prints
-    "fetcher.extensions.Summary": 110,
-}
 
 # A feed export of the fetch spider's items (-O records.jsonl, Scrapyd's items_url) is its records.
 FEED_EXPORT_FIELDS = ["record"]
@@ -52,32 +46,8 @@ LOG_LEVEL = "INFO"
 LOG_VERSIONS: list[str] = []  # no version banner at start-up (scrapy version shows it)
 STATS_DUMP = False  # the summary says it in five lines; -s STATS_DUMP=True for Scrapy's full stats
 
-# --- fetcher's own settings ------------------------------------------------------
-FETCHER_ALGORITHM = "sha256"  # hashlib name of the digest in the manifest and `files`
-FETCHER_LAYOUT = "url"  # "url": <host>[:port]/<url path>[?query]; "hash": stock FilesPipeline's full/<sha1>.<ext>
-FETCHER_NAME_QUERY = True  # keep a URL's query string in its file name (False: a?x=1 and a?x=2 share one name)
-# The store's records (one current record per URL, across runs) live in an SQLite
-# index in the state folder; manifest.jsonl and failed.txt are written from it.
-FETCHER_STATE_DIR = ""  # "": <FILES_STORE>/.fetcher, or for a remote store ~/.local/state/fetcher/<store>
-FETCHER_MANIFEST = ""  # one JSON line per URL; "": manifest.jsonl in FILES_STORE (remote: in the state folder)
-FETCHER_FAILED_LIST = ""  # the store's failures in list format; "": failed.txt beside the manifest
-FETCHER_VERIFY = "stat"  # finished files: "stat" compares size and mtime with the record; "full" re-hashes them
-FETCHER_SPOOL = ""  # remote stores: where bodies are written before upload; "": <tmp>/fetcher-spool/<store>
-FETCHER_MULTIPART_THRESHOLD = 8 * 1024 * 1024  # remote stores: larger files are uploaded in parts of this size
-FETCHER_MAX_SIZE = 0  # bytes; a larger file fails (0: no cap)
-FETCHER_MAX_PENDING = 1000  # list entries in progress at once, at least 2 x CONCURRENT_REQUESTS (bounds memory)
-FETCHER_RESUME = True  # continue a .part file with Range/If-Range instead of starting over
-FETCHER_REVALIDATE = False  # ask the server (If-None-Match/If-Modified-Since) instead of skipping finished files
-FETCHER_FSYNC = False  # fsync each file before renaming it into place
-FETCHER_STALL_TIMEOUT = None  # seconds without body bytes before an attempt is abandoned; None: DOWNLOAD_TIMEOUT
-FETCHER_MAX_TIME = 0  # seconds one attempt may take in all (0: no limit)
-FETCHER_PROGRESS = "auto"  # "bar" on a terminal, "log" lines otherwise; or force "bar", "log", "off"
-FETCHER_PROGRESS_INTERVAL = 60.0  # seconds between progress log lines (the "log" mode)
-FETCHER_BACKOFF_BASE = 1.0  # first retry waits about this long (seconds), doubling each time
-FETCHER_BACKOFF_MAX = 60.0  # cap on the exponential backoff (seconds)
-FETCHER_RETRY_AFTER_MAX = 600.0  # cap on a server's Retry-After (seconds)
-
-# --- A shared queue (scrapy enqueue REDIS_URL LIST; scrapy crawl fetch -a list=REDIS_URL) ---------
-FETCHER_QUEUE_LEASE = 60.0  # seconds an entry stays a dead worker's before another takes it (live ones renew it)
-FETCHER_QUEUE_IDLE = 10.0  # a worker ends after this many seconds with nothing waiting or in flight anywhere; 0: never
-FETCHER_QUEUE_MAX_DELIVERIES = 5  # an entry delivered this often without an acknowledgement is dead-lettered
+# --- The fetch project's own choices (the add-on's defaults are stock FilesPipeline's) ----
+FETCHER_LAYOUT = "url"  # readable names: <host>[:port]/<url path>[?query]
+FETCHER_ALGORITHM = "sha256"
+FETCHER_EMPTY_FILES = True  # a 0-byte file is a file, as with wget and aria2c
+MEDIA_ALLOW_REDIRECTS = True  # a list's URL that redirects is downloaded from where it leads

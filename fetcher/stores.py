@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from ftplib import FTP, error_perm
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
 from scrapy.exceptions import NotConfigured
 from scrapy.pipelines.files import FSFilesStore, FTPFilesStore, GCSFilesStore, S3FilesStore
 from scrapy.utils.ftp import ftp_makedirs_cwd
 
-from fetcher import settings as defaults
+from fetcher.addon import DEFAULTS
 from fetcher.exceptions import StartupError
 from fetcher.naming import resolve_in_store
+from fetcher.redact import safe_url
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
@@ -72,6 +72,15 @@ class LocalTarget:
         """Where the body of *path* is written (ValueError for a path leaving the store)."""
         return resolve_in_store(self._root, path, resolved=True)
 
+    def prune(self, folder: Path) -> None:
+        """Remove *folder* (from local_path) and its parents while they are empty, never the store itself."""
+        while folder != self._root and self._root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
     def describe(self) -> str:
         return str(self.basedir)
 
@@ -104,7 +113,7 @@ class RemoteTarget(ABC):
         self.spool = Path(settings.get("FETCHER_SPOOL") or Path(tempfile.gettempdir()) / "fetcher-spool" / name)
         state_home = os.path.expanduser(os.environ.get("XDG_STATE_HOME") or "~/.local/state")
         self.state_default = Path(state_home) / "fetcher" / name
-        self.part_size = settings.getint("FETCHER_MULTIPART_THRESHOLD", defaults.FETCHER_MULTIPART_THRESHOLD)
+        self.part_size = settings.getint("FETCHER_MULTIPART_THRESHOLD", DEFAULTS["FETCHER_MULTIPART_THRESHOLD"])
 
     def local_path(self, path: str) -> Path:
         """Where the body of *path* is spooled (ValueError for a path leaving the spool)."""
@@ -115,7 +124,7 @@ class RemoteTarget(ABC):
         return _folder(self.store.prefix) + path
 
     def describe(self) -> str:
-        return redacted(self.uri)
+        return safe_url(self.uri)
 
     def check(self) -> None:
         """Fail at start, in one line, on a store that cannot be reached or used."""
@@ -295,14 +304,14 @@ def target_for(store: Any, uri: str, settings: BaseSettings) -> Target:
     for target_class in _SCHEMES.values():
         if isinstance(store, target_class.STORE):
             return target_class(store, uri, settings)
-    raise StartupError(f"FILES_STORE={redacted(uri)}: fetcher streams to local folders, s3://, gs:// and "
+    raise StartupError(f"FILES_STORE={safe_url(uri)}: fetcher streams to local folders, s3://, gs:// and "
                        f"ftp:// stores, not to {type(store).__name__}")
 
 
 def store_error(uri: str, exc: Exception) -> StartupError:
     """Why Scrapy could not make its store object for *uri*, in one line that says what to do
     (stock FilesPipeline disables itself quietly instead, and doing nothing is worse)."""
-    shown = redacted(uri)
+    shown = safe_url(uri)
     target_class = _SCHEMES.get(uri.partition("://")[0] if "://" in uri else "")
     if isinstance(exc, (NotConfigured, ImportError)):
         hint = f"; pip install {target_class.LIBRARY}" if target_class and target_class.LIBRARY else ""
@@ -317,17 +326,6 @@ def _unusable(shown: str, target_class: type[RemoteTarget] | None, exc: Exceptio
     hint = f" (check {target_class.SETTINGS})" if target_class else ""
     detail = str(exc) or f"Scrapy's store refused it ({type(exc).__name__})"  # FTPFilesStore asserts
     return StartupError(f"cannot use FILES_STORE={shown}: {detail}{hint}")
-
-
-def redacted(uri: str) -> str:
-    """*uri* for messages and folder names: its password (ftp://user:password@...) hidden."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-    except ValueError:  # not a URL (a local path)
-        return uri
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"))
 
 
 def _folder(prefix: str) -> str:

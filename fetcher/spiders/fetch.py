@@ -32,9 +32,9 @@ from urllib.parse import urldefrag
 from scrapy import Request, Spider, signals
 from scrapy.exceptions import CloseSpider
 
-from fetcher import settings as defaults
 from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
+from fetcher.addon import DEFAULTS
 from fetcher.handlers import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.naming import safe_relpath
@@ -70,7 +70,7 @@ class FetchSpider(Spider):
         self.inline_urls = urls
         self._seen: set[int] = set()
         self._pending = 0
-        self.max_pending = defaults.FETCHER_MAX_PENDING  # from the settings in from_crawler
+        self.max_pending = DEFAULTS["FETCHER_MAX_PENDING"]  # from the settings in from_crawler
         self._room = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None  # kept so the task is not garbage-collected
         self._warned: set[str] = set()
@@ -106,7 +106,7 @@ class FetchSpider(Spider):
             crawler.signals.connect(spider._item_done, signal=signal)
         settings = crawler.settings
         # Never fewer than twice the transfers that may run at once, or the list would starve them.
-        spider.max_pending = max(settings.getint("FETCHER_MAX_PENDING", defaults.FETCHER_MAX_PENDING),
+        spider.max_pending = max(settings.getint("FETCHER_MAX_PENDING", DEFAULTS["FETCHER_MAX_PENDING"]),
                                  2 * settings.getint("CONCURRENT_REQUESTS"), 1)
         return spider
 
@@ -284,10 +284,10 @@ class _QueueWorker:
     taking of work, and the run exits non-zero."""
 
     def __init__(self, url: str, settings: Any, pipeline: StreamingFilesPipeline) -> None:
-        self.lease = settings.getfloat("FETCHER_QUEUE_LEASE", defaults.FETCHER_QUEUE_LEASE)
-        self.idle = settings.getfloat("FETCHER_QUEUE_IDLE", defaults.FETCHER_QUEUE_IDLE)
+        self.lease = settings.getfloat("FETCHER_QUEUE_LEASE", DEFAULTS["FETCHER_QUEUE_LEASE"])
+        self.idle = settings.getfloat("FETCHER_QUEUE_IDLE", DEFAULTS["FETCHER_QUEUE_IDLE"])
         self.queue = RedisQueue(url, lease=self.lease, max_deliveries=settings.getint(
-            "FETCHER_QUEUE_MAX_DELIVERIES", defaults.FETCHER_QUEUE_MAX_DELIVERIES))
+            "FETCHER_QUEUE_MAX_DELIVERIES", DEFAULTS["FETCHER_QUEUE_MAX_DELIVERIES"]))
         self.pipeline = pipeline
         self.lost = False
         self._taken: dict[str, list[str]] = {}  # URL -> ids of the deliveries it answers
