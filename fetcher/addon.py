@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 #: Every FETCHER_* setting and its default.
 DEFAULTS: dict[str, Any] = {
     # -- Where files go and how they are named
-    "FETCHER_LAYOUT": "hash",  # "hash": stock FilesPipeline's full/<sha1>.<ext>; "url": <host>[:port]/<url path>[?query]
+    "FETCHER_LAYOUT": "hash",  # "hash": stock's full/<sha1>.<ext>; "url": <host>[:port]/<url path>[?query]
     "FETCHER_ALGORITHM": "md5",  # hashlib name of the digest in the records and in `files` (stock: md5)
     "FETCHER_NAME_QUERY": True,  # "url" layout: keep a URL's query string in its file name
     "FETCHER_EMPTY_FILES": False,  # keep a 0-byte body as a file (stock refuses it: "empty-content")
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_MAX_PENDING": 1000,  # list entries in progress at once, at least 2 x CONCURRENT_REQUESTS
     "FETCHER_PROGRESS": "auto",  # "bar" on a terminal, "log" lines otherwise; or "bar", "log", "off"
     "FETCHER_PROGRESS_INTERVAL": 60.0,  # seconds between progress log lines (the "log" mode)
+    "FETCHER_INVOKED_AS": "",  # set by the `fetcher` console command, so messages show its rerun command
     # -- A shared queue (scrapy enqueue REDIS_URL LIST; scrapy crawl fetch -a list=REDIS_URL)
     "FETCHER_QUEUE_LEASE": 60.0,  # seconds an entry stays a dead worker's before another takes it
     "FETCHER_QUEUE_IDLE": 10.0,  # a worker ends after this long with nothing waiting or in flight; 0: never
@@ -68,6 +69,10 @@ _COMPONENTS = (
     ("EXTENSIONS", "fetcher.extensions.Summary", 110),
     ("EXTENSIONS", "scrapy.extensions.logstats.LogStats", None),  # fetcher's progress lines say it
 )
+#: Scrapy settings the add-on sets (at add-on priority: a project's own value wins).
+_SCRAPY_SETTINGS = {
+    "LOG_FORMATTER": "fetcher.logformatter.LogFormatter",  # Scrapy's log lines without URL credentials
+}
 _HANDLER = "fetcher.handlers.StreamingDownloadHandler"
 _COMMANDS = "fetcher.commands"
 
@@ -85,7 +90,7 @@ class Addon:
         return cls(crawler)
 
     def update_settings(self, settings: BaseSettings) -> None:
-        for name, value in DEFAULTS.items():
+        for name, value in {**DEFAULTS, **_SCRAPY_SETTINGS}.items():
             settings.set(name, value, priority="addon")
         from fetcher.pipelines import StreamingFilesPipeline  # noqa: PLC0415 - the pipeline imports this module
 

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fetcher.redact import host_of
+from fetcher.redact import host_of, safe_url
 from fetcher.urllist import Entry
 
 Status = Literal["downloaded", "cached", "uptodate", "failed"]
@@ -30,6 +30,10 @@ class FetchItem:
     fetcher_entries: list[Entry] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """What Scrapy logs for a scraped item: no credentials (URLs, header= values)."""
+        return f"FetchItem(file_urls={[safe_url(u) for u in self.file_urls]!r}, record={self.record!r})"
 
 
 @dataclass(slots=True)

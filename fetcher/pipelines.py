@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shlex
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -34,7 +35,8 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Request, Response
 from scrapy.http.request import NO_CALLBACK
-from scrapy.pipelines.files import FileException, FilesPipeline
+from scrapy.pipelines.files import FilesPipeline
+from scrapy.pipelines.media import FileException
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.asyncio import is_asyncio_available
 from scrapy.utils.defer import ensure_awaitable
@@ -47,6 +49,7 @@ from fetcher import signals
 from fetcher._scrapy_private import spider_closing
 from fetcher.addon import DEFAULTS
 from fetcher.backoff import Backoff, retry_after_seconds
+from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
 from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
@@ -214,12 +217,12 @@ class StreamingFilesPipeline(FilesPipeline):
         self.records = None
         try:
             await asyncio.to_thread(records.compact)
+            rerun = self.rerun_hint()
             count = await asyncio.to_thread(
                 records.write_failed_list,
-                f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n"
-                f"# Retry them with: scrapy crawl fetch -a list={self.failed_path}\n")
+                f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n# {rerun}\n")
             if count:
-                logger.info("%d URLs of this store are failed; retry them with -a list=%s", count, self.failed_path)
+                logger.info("%d URLs of this store are failed (%s); %s", count, self.failed_path, rerun)
             if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
                 try:
                     await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
@@ -229,6 +232,20 @@ class StreamingFilesPipeline(FilesPipeline):
             records.close()
             if self.locks is not None:
                 self.locks.close()
+
+    def rerun_hint(self) -> str:
+        """How to try the store's failures again, in the words of how this run was started."""
+        spider = self.crawler.spider
+        if spider is None or spider.name != "fetch":  # another project's spider: it knows its own items
+            name = spider.name if spider is not None else "<spider>"
+            return f"Retry them by running `scrapy crawl {name}` again (finished files are skipped)"
+        s = self.crawler.settings
+        store = f" -s FILES_STORE={shlex.quote(str(s.get('FILES_STORE')))}" \
+            if s.getpriority("FILES_STORE") == SETTINGS_PRIORITIES["cmdline"] else ""
+        failed = shlex.quote(str(self.failed_path))
+        if s.get("FETCHER_INVOKED_AS") == INVOKED_AS:
+            return f"Retry them with: {INVOKED_AS} {failed}{store}"
+        return f"Retry them with: scrapy crawl fetch -a list={failed}{store}"
 
     def store_record(self, record: FileRecord) -> None:
         """Every URL's end (this pipeline's files and the spider's bad lines) becomes its current record."""
@@ -498,7 +515,8 @@ class StreamingFilesPipeline(FilesPipeline):
                         at = alive[0]
                         if mirrors[at] not in tried:
                             tried.add(mirrors[at])
-                            logger.debug("Trying %s's mirror %s: %s", entry.url, mirrors[at], outcome)
+                            logger.debug("Trying %s's mirror %s: %s", safe_url(entry.url), safe_url(mirrors[at]),
+                                         outcome)
                             continue
                     elif not (outcome.retryable and record.attempts <= retry_times):
                         if outcome.retryable:
@@ -560,9 +578,7 @@ class StreamingFilesPipeline(FilesPipeline):
                                                  f"run {prior.run} (found {found[prior.algorithm]}); fetched again")
                 digests = found
             record.etag, record.last_modified = prior.etag, prior.last_modified
-            record.fetched_at = prior.fetched_at or prior.finished_at
-            if self._expired(record.fetched_at):
-                record.note = f"{record.path} was fetched more than FILES_EXPIRES ({self.expires} days) ago; fetched again"
+            if self._fetched_long_ago(record, prior):
                 return False
         elif self._expired(st.st_mtime):  # another tool's file: its age is its mtime, as stock counts it
             record.note = f"{record.path} on disk is older than FILES_EXPIRES ({self.expires} days); fetched again"
@@ -597,7 +613,8 @@ class StreamingFilesPipeline(FilesPipeline):
         expected = record.entry.checksum
         if found is None:
             if prior is not None:
-                record.note = f"{record.path} was recorded by run {prior.run} but is missing from the store; fetched again"
+                record.note = (f"{record.path} was recorded by run {prior.run} but is missing from the store; "
+                               "fetched again")
             return False
         if not self.target.OBJECT_DIGESTS:  # only the records know the digest: they must vouch for the object
             if prior is None:
@@ -616,14 +633,21 @@ class StreamingFilesPipeline(FilesPipeline):
             return self._replace(record, f"{record.path} in the store is not the object run {prior.run} recorded; "
                                          "fetched again")
         if expected is not None and (expected.algorithm != found.algorithm or expected.hexdigest != found.checksum):
-            return self._replace(record, f"{record.path} in the store does not match the list's checksum; fetched again")
+            return self._replace(record, f"{record.path} in the store does not match the list's checksum; "
+                                         "fetched again")
         if prior is not None:
             record.etag, record.last_modified = prior.etag, prior.last_modified
-            record.fetched_at = prior.fetched_at or prior.finished_at
-            if self._expired(record.fetched_at):
-                record.note = f"{record.path} was fetched more than FILES_EXPIRES ({self.expires} days) ago; fetched again"
+            if self._fetched_long_ago(record, prior):
                 return False
         record.status, record.size, record.checksum = "uptodate", found.size, found.checksum
+        return True
+
+    def _fetched_long_ago(self, record: FileRecord, prior: StoredRecord) -> bool:
+        """FILES_EXPIRES: a file whose bytes came more than that many days ago is fetched again."""
+        record.fetched_at = prior.fetched_at or prior.finished_at
+        if not self._expired(record.fetched_at):
+            return False
+        record.note = f"{record.path} was fetched more than FILES_EXPIRES ({self.expires} days) ago; fetched again"
         return True
 
     def _expired(self, when: str | float | None) -> bool:
@@ -863,7 +887,7 @@ class StreamingFilesPipeline(FilesPipeline):
 
     def _finished(self, record: FileRecord) -> None:
         if record.status == "failed":
-            logger.error("Failed %s: %s", record.url, record.error)
+            logger.error("Failed %s: %s", safe_url(record.url), record.error)
         self.inc_stats(record.status)
         self.crawler.signals.send_catch_log(signals.file_finished, record=record)
 

@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scrapy.utils.reactor import install_reactor
 
 from tests.origin import Origin
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The unit tests that build fetcher's components in this process (test_pipeline,
+    test_handler) need the reactor fetcher runs with; installed once, before any import
+    of twisted.internet.reactor picks Twisted's default."""
+    if "twisted.internet.reactor" not in sys.modules:
+        install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPY = str(Path(sys.executable).with_name("scrapy"))

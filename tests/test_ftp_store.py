@@ -314,7 +314,7 @@ def test_wrong_password_stops_the_run_before_the_list(tmp_path: Path, ftpd: FTPd
     fetch = FTPFetch(tmp_path, ftpd, password="not-the-password")
     origin.reset_stats()
     run = fetch(listing(origin, SMALL[:2]))
-    line = assert_cannot_start(run, origin, f"ftp://{USER}:***@127.0.0.1:{ftpd.port}/{fetch.folder}",
+    line = assert_cannot_start(run, origin, f"ftp://***@127.0.0.1:{ftpd.port}/{fetch.folder}",
                                "530", "FTP_PASSWORD")
     assert "not-the-password" not in run.log, line
     assert not (ftpd.home / fetch.folder).exists()

@@ -40,6 +40,7 @@ from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.naming import safe_relpath
 from fetcher.pipelines import StreamingFilesPipeline
 from fetcher.queue import Delivery, QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
+from fetcher.redact import safe_url
 from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_inline, parse_lines, text_lines
 from fetcher.writer import HashingWriter
 
@@ -136,7 +137,7 @@ class FetchSpider(Spider):
                     continue
                 key = run_key(urldefrag(entry.url)[0])  # x.bin#frag is x.bin: fragments never reach a server
                 if key in self._seen and self._queue is None:  # a queue's entries are unique already
-                    logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, entry.url)
+                    logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, safe_url(entry.url))
                     stats.inc_value("fetcher/duplicates")
                     continue
                 self._seen.add(key)

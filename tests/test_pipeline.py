@@ -1,0 +1,181 @@
+"""Unit tests of the add-on's settings and the pipeline's decisions, without a crawl
+(the end-to-end behaviour is in test_addon.py, test_fetch.py, test_store.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scrapy import Request, Spider
+from scrapy.pipelines.files import FilesPipeline as StockFilesPipeline
+from scrapy.pipelines.images import ImagesPipeline
+from scrapy.settings import Settings
+from scrapy.utils.test import get_crawler
+
+from fetcher import Addon, FilesPipeline
+from fetcher.addon import DEFAULTS
+from fetcher.middlewares import RedirectGuardMiddleware
+from fetcher.pipelines import StreamingFilesPipeline, _Outcome, _stats_reason
+from fetcher.records import RecordStore, StoredRecord
+from fetcher.urllist import Entry
+
+# -- the add-on
+
+
+def apply_addon(project: dict[str, Any]) -> Settings:
+    settings = Settings()
+    settings.setdict(project, priority="project")
+    Addon(get_crawler()).update_settings(settings)
+    return settings
+
+
+def classes(settings: Settings, name: str) -> dict[Any, Any]:
+    from scrapy.utils.misc import load_object  # noqa: PLC0415
+
+    return {load_object(k): v for k, v in settings.getdict(name).items()}
+
+
+def test_addon_merges_components_and_lets_the_project_win() -> None:
+    settings = apply_addon({
+        "EXTENSIONS": {"scrapy.extensions.logstats.LogStats": 10},  # the project keeps its LogStats
+        "FETCHER_MAX_SIZE": 123,
+        "DOWNLOADER_MIDDLEWARES": {"scrapy.downloadermiddlewares.useragent.UserAgentMiddleware": None},
+    })
+    assert classes(settings, "ITEM_PIPELINES") == {StreamingFilesPipeline: 1}
+    extensions = classes(settings, "EXTENSIONS")
+    assert extensions[next(c for c in extensions if c.__name__ == "LogStats")] == 10
+    assert {c.__name__ for c in extensions} >= {"Progress", "Summary"}
+    middlewares = classes(settings, "DOWNLOADER_MIDDLEWARES")
+    assert middlewares[RedirectGuardMiddleware] == 650 and len(middlewares) == 2  # merged, not replaced
+    assert settings.getdict("DOWNLOAD_HANDLERS")["https"] == "fetcher.handlers.StreamingDownloadHandler"
+    assert settings.getint("FETCHER_MAX_SIZE") == 123  # project priority beats the add-on's
+    assert settings["FETCHER_LAYOUT"] == "hash" and settings["FETCHER_ALGORITHM"] == "md5"  # stock's outputs
+    assert settings.getpriority("FETCHER_LAYOUT") == 15  # "addon"
+    assert set(DEFAULTS) <= set(settings.attributes)
+
+
+def test_addon_takes_stock_files_pipelines_place() -> None:
+    settings = apply_addon({"ITEM_PIPELINES": {"scrapy.pipelines.files.FilesPipeline": 300,
+                                                  "scrapy.pipelines.images.ImagesPipeline": None}})
+    assert classes(settings, "ITEM_PIPELINES") == {StreamingFilesPipeline: 300, ImagesPipeline: None}
+
+
+class Subclass(FilesPipeline):
+    pass
+
+
+class StockSubclass(StockFilesPipeline):
+    pass
+
+
+def test_addon_keeps_a_subclass_of_its_pipeline(caplog: pytest.LogCaptureFixture) -> None:
+    settings = apply_addon({"ITEM_PIPELINES": {Subclass: 300}, "COMMANDS_MODULE": "fetcher.commands"})
+    assert classes(settings, "ITEM_PIPELINES") == {Subclass: 300}
+    assert "COMMANDS_MODULE" not in caplog.text
+
+
+def test_addon_warns_about_a_stock_subclass_and_a_missing_command(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        settings = apply_addon({"ITEM_PIPELINES": {StockSubclass: 300}})
+    assert classes(settings, "ITEM_PIPELINES") == {StockSubclass: 300}  # never two pipelines downloading
+    assert "from fetcher import FilesPipeline" in caplog.text
+    assert "COMMANDS_MODULE" in caplog.text
+
+
+# -- the pipeline, built from a crawler
+
+
+class Fetch(Spider):
+    name = "fetch"
+
+
+class Shop(Spider):
+    name = "shop"
+
+
+def pipeline(tmp_path: Path, cls: type[StreamingFilesPipeline] = StreamingFilesPipeline,
+             spider: type[Spider] = Fetch, **settings: Any) -> StreamingFilesPipeline:
+    crawler = get_crawler(spider, {"FILES_STORE": str(tmp_path / "store"), **settings})
+    crawler.spider = crawler._create_spider()  # noqa: SLF001 - what crawl() does first
+    built = cls.from_crawler(crawler)
+    built.spiderinfo = built.SpiderInfo(crawler.spider)
+    return built
+
+
+def test_default_layout_is_stock_files_pipelines(tmp_path: Path) -> None:
+    request = Request("http://example.invalid/a/b.pdf?x=1")
+    ours = pipeline(tmp_path).file_path(request)
+    assert ours == StockFilesPipeline.file_path(pipeline(tmp_path), request)
+    assert ours.startswith("full/") and ours.endswith(".pdf")
+    url_layout = pipeline(tmp_path, FETCHER_LAYOUT="url").file_path(request)
+    assert url_layout == "example.invalid/a/b.pdf?x=1"
+    entry = Entry("http://example.invalid/a/b.pdf", 1, out="named/here.pdf")
+    assert pipeline(tmp_path).file_path(Request(entry.url, meta={"fetcher_entry": entry})) == "named/here.pdf"
+
+
+def test_media_to_download_of_a_subclass_decides_without_a_download(tmp_path: Path) -> None:
+    class Known(FilesPipeline):
+        def media_to_download(self, request: Request, info: Any, *, item: Any = None) -> dict[str, Any]:
+            return {"url": request.url, "path": "known.bin", "checksum": "abc", "status": "uptodate"}
+
+    p = pipeline(tmp_path, Known)
+    item = asyncio.run(p.process_item({"file_urls": ["http://example.invalid/k.bin"]}))
+    assert item["files"] == [{"url": "http://example.invalid/k.bin", "path": "known.bin", "checksum": "abc",
+                              "status": "uptodate"}]
+    assert p.crawler.stats.get_value("file_status_count/uptodate") == 1
+
+
+def test_overridden_hooks_that_cannot_be_called_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Old(FilesPipeline):
+        def file_downloaded(self, response: Any, request: Any, info: Any, *, item: Any = None) -> str:
+            return ""
+
+    with caplog.at_level(logging.WARNING):
+        pipeline(tmp_path, Old)
+    assert "Old.file_downloaded is not called" in caplog.text and "file_stored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pipeline(tmp_path, Subclass)
+    assert "is not called" not in caplog.text
+
+
+def test_a_store_of_url_named_files_is_warned_before_its_layout_changes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = tmp_path / "store"
+    records = RecordStore.open(store / ".fetcher", store / "manifest.jsonl", store / "failed.txt")
+    records.put(StoredRecord(url="http://h/a.bin", status="downloaded", path="h/a.bin", size=1))
+    records.close()
+    with caplog.at_level(logging.WARNING):
+        pipeline(tmp_path)
+    assert "FETCHER_LAYOUT = 'url'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pipeline(tmp_path, FETCHER_LAYOUT="hash")  # chosen by the project: nothing to warn about
+    assert "FETCHER_LAYOUT" not in caplog.text
+
+
+def test_rerun_hint_fits_how_the_run_was_started(tmp_path: Path) -> None:
+    assert pipeline(tmp_path).rerun_hint() == f"Retry them with: scrapy crawl fetch -a list={tmp_path}/store/failed.txt"
+    assert pipeline(tmp_path, FETCHER_INVOKED_AS="fetcher").rerun_hint() == \
+        f"Retry them with: fetcher {tmp_path}/store/failed.txt"
+    assert "scrapy crawl shop` again" in pipeline(tmp_path, spider=Shop).rerun_hint()
+
+
+def test_expiry_counts_days_like_stock(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, FILES_EXPIRES=2)
+    assert not p._expired("2999-01-01T00:00:00.000Z")  # noqa: SLF001
+    assert p._expired("2000-01-01T00:00:00.000Z")  # noqa: SLF001
+    assert not p._expired(None)  # noqa: SLF001
+    assert pipeline(tmp_path, FILES_EXPIRES=0)._expired(1.0)  # noqa: SLF001
+
+
+def test_retry_stats_reasons_are_scrapys() -> None:
+    try:
+        raise _Outcome("x", reason="timeout", retryable=True) from TimeoutError()
+    except _Outcome as outcome:
+        assert _stats_reason(outcome) == "builtins.TimeoutError"
+    assert _stats_reason(_Outcome("HTTP 503", reason="HTTP 503", retryable=True, http_status=503)) == \
+        "503 Service Unavailable"
