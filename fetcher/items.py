@@ -58,6 +58,7 @@ class FileRecord:
     etag: str | None = None
     last_modified: str | None = None
     fetched_at: str | None = None  # when the bytes of an up-to-date file came from the server
+    finished_at: str | None = None  # when it ended (UTC, ISO 8601), set when its record is made
     response: Any = field(default=None, repr=False)  # the Response that brought the file, for file_stored
 
     @property

@@ -216,7 +216,8 @@ def safe_relpath(path: str) -> str:
     return "/".join(segments)
 
 
-def resolve_in_store(store: str | os.PathLike[str], relpath: str, *, resolved: bool = False) -> Path:
+def resolve_in_store(store: str | os.PathLike[str], relpath: str, *, resolved: bool = False,
+                     known_dirs: set[str] | None = None) -> Path:
     """The absolute path of ``relpath`` in ``store``, refusing any way out.
 
     The store itself may be a symlink (it is resolved once), but no existing
@@ -224,19 +225,25 @@ def resolve_in_store(store: str | os.PathLike[str], relpath: str, *, resolved: b
     otherwise carry writes anywhere. Checks only, creates nothing; the
     caller must still not follow symlinks created after this check.
     ``resolved``: the caller resolved the store already (once per run, not per file).
+    ``known_dirs``: folders found to be real folders by earlier calls of this run,
+    not checked again (one lstat per new folder, not one per folder per file).
     """
-    root = Path(store) if resolved else Path(store).resolve()
+    root = str(store) if resolved else str(Path(store).resolve())
     rel = safe_relpath(relpath)
-    target = Path(os.path.normpath(root / rel))
-    if target == root or not target.is_relative_to(root):
+    target = os.path.normpath(f"{root}/{rel}")
+    if target == root or not target.startswith(root.rstrip("/") + "/"):
         raise ValueError(f"{relpath!r} is outside the store")
     current = root
     for part in rel.split("/"):
-        current = current / part
+        current = f"{current}/{part}"
+        if known_dirs is not None and current in known_dirs:
+            continue
         try:
             mode = os.lstat(current).st_mode
         except (FileNotFoundError, NotADirectoryError):
             break  # nothing exists below this point
         if stat.S_ISLNK(mode):
             raise ValueError(f"{current} is a symbolic link")
-    return target
+        if known_dirs is not None and stat.S_ISDIR(mode):
+            known_dirs.add(current)
+    return Path(target)

@@ -249,19 +249,24 @@ class StreamingFilesPipeline(FilesPipeline):
 
     def store_record(self, record: FileRecord) -> None:
         """Every URL's end (this pipeline's files and the spider's bad lines) becomes its current record."""
-        if self.records is None:
-            return
-        entry = None if record.reason == BAD_LINE else record.entry.to_line()
+        if self.records is not None:
+            self.records.put(self._stored(record), durable=record.status != "uptodate")
+
+    def _stored(self, record: FileRecord) -> StoredRecord:
+        """The store's record of how *record*'s URL ended (its manifest line)."""
+        if record.finished_at is None:
+            record.finished_at = utc_now()
         has_file = record.status != "failed"
-        self.records.put(durable=record.status != "uptodate", record=StoredRecord(
+        return StoredRecord(
             url=record.url, status=record.status, path=record.path if has_file else None,
             size=record.size if has_file else None, mtime_ns=record.mtime_ns if has_file else None,
             checksum=record.checksum if has_file else None, algorithm=record.algorithm,
             http_status=record.http_status, attempts=record.attempts, error=record.error, note=record.note,
-            mirror=record.mirror if has_file else None,
-            etag=record.etag, last_modified=record.last_modified, run=self.run_id, finished_at=(now := utc_now()),
-            entry=entry, fetched_at=record.fetched_at if record.status == "uptodate" else now if has_file else None,
-        ))
+            mirror=record.mirror if has_file else None, etag=record.etag, last_modified=record.last_modified,
+            run=self.run_id, finished_at=record.finished_at,
+            entry=None if record.reason == BAD_LINE else record.entry.to_line(),
+            fetched_at=(record.fetched_at if record.status == "uptodate" else record.finished_at) if has_file else None,
+        )
 
     # -- stock FilesPipeline hooks
 
@@ -317,9 +322,6 @@ class StreamingFilesPipeline(FilesPipeline):
         info = self.spiderinfo
         requests: list[Request] = list(arg_to_iter(self.get_media_requests(item, info)))
         results = list(await asyncio.gather(*(self._process_request(r, item) for r in requests)))
-        if isinstance(item, FetchItem) and self.records is not None and requests:
-            stored = self.records.lookup(requests[0].url)
-            item.record = stored.manifest() if stored is not None else {}
         return self.item_completed(results, item, info)
 
     async def _process_request(self, request: Request, item: Any) -> FileInfoOrError:
@@ -335,6 +337,8 @@ class StreamingFilesPipeline(FilesPipeline):
                 self.inc_stats(found.get("status", "uptodate"))
                 return True, found
             record = await self._fetch_once(request, item)
+            if isinstance(item, FetchItem):  # the fetch spider's item: one URL, and its record
+                item.record = self._stored(record).manifest()
             if record.status != "failed":
                 result: FileInfo = {"url": request.url, "path": record.path or "", "checksum": record.checksum,
                                     "status": record.status}

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import operator
 import os
 import sqlite3
 import time
@@ -99,6 +100,7 @@ class StoredRecord:
 
 
 _COLUMNS = tuple(f.name for f in fields(StoredRecord))
+_ROW = operator.attrgetter(*_COLUMNS)
 
 
 class RecordStore:
@@ -184,7 +186,7 @@ class RecordStore:
                     self._db.executemany(
                         f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        [tuple(asdict(r).values()) for r in batch],
+                        [_ROW(r) for r in batch],
                     )
                     if replaced and not self.superseded:  # once per process: a killed run leaves it set
                         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('superseded', '1')")

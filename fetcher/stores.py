@@ -67,10 +67,11 @@ class LocalTarget:
         self.basedir = basedir
         self.state_default = basedir / ".fetcher"
         self._root = basedir.resolve()  # once: a realpath per file is measurable on big lists
+        self._dirs: set[str] = set()  # folders of the store checked already (see resolve_in_store)
 
     def local_path(self, path: str) -> Path:
         """Where the body of *path* is written (ValueError for a path leaving the store)."""
-        return resolve_in_store(self._root, path, resolved=True)
+        return resolve_in_store(self._root, path, resolved=True, known_dirs=self._dirs)
 
     def prune(self, folder: Path) -> None:
         """Remove *folder* (from local_path) and its parents while they are empty, never the store itself."""
