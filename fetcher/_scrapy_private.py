@@ -9,9 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy.core.downloader.contextfactory import _load_context_factory_from_settings
+from scrapy.core.downloader.handlers.http11 import (
+    _BindAddressAgent,
+    _ScrapyProxyAgent,
+    _TunnelingAgent,
+)
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.iweb import IPolicyForHTTPS
 
 
@@ -40,3 +47,31 @@ def spider_closing(crawler: Crawler) -> bool:
     engine = crawler.engine
     slot = engine._slot  # noqa: SLF001 - Scrapy has no public "is closing" for the spider
     return not engine.running or (slot is not None and slot.closing is not None)
+
+
+# -- Twisted Agents for the three ways stock HTTP11DownloadHandler connects (its ScrapyAgent._get_agent).
+# Scrapy's own classes, so that streamed downloads reach proxies exactly as the rest: the pool key
+# carries the bind address (and, for tunnels, the proxy and its credentials), and a CONNECT tunnel
+# sends Proxy-Authorization to the proxy only.
+
+
+def direct_agent(reactor: IReactorTime, tls: IPolicyForHTTPS, *, connect_timeout: float,
+                 bind_address: tuple[str, int] | None, pool: HTTPConnectionPool) -> Agent:
+    """Straight to the origin, from *bind_address* if set."""
+    return _BindAddressAgent(reactor, tls, connect_timeout, bind_address, pool)
+
+
+def proxy_agent(reactor: IReactorTime, tls: IPolicyForHTTPS, *, proxy_uri: bytes, connect_timeout: float,
+                bind_address: tuple[str, int] | None, pool: HTTPConnectionPool) -> Agent:
+    """http:// URLs through a proxy: the absolute URI in the request line, the request's own
+    headers (Proxy-Authorization included) to the proxy."""
+    return _ScrapyProxyAgent(reactor, proxy_uri, tls, connect_timeout, bind_address, pool)
+
+
+def tunneling_agent(reactor: IReactorTime, tls: IPolicyForHTTPS, *, proxy: tuple[str, int, bytes | None],
+                    connect_timeout: float, bind_address: tuple[str, int] | None,
+                    pool: HTTPConnectionPool) -> Agent:
+    """https:// URLs through a CONNECT tunnel; *proxy* is (host, port, Proxy-Authorization value),
+    the header goes in the CONNECT only (the caller removes it from the request itself)."""
+    return _TunnelingAgent(reactor=reactor, proxyConf=proxy, contextFactory=tls, connectTimeout=connect_timeout,
+                           bindAddress=bind_address, pool=pool)
