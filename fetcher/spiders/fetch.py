@@ -54,6 +54,7 @@ _IDLE_POLL = 0.02  # seconds between idleness checks once the list is exhausted
 #: Scrapyd passes each argument on one command line, and past ~128 KiB the job never starts.
 _MAX_INLINE = 64 * 1024
 _QUEUE_POLL = 0.5  # seconds between looks at an empty queue
+_BATCH = 256  # list entries handed over from the list-reading thread at a time
 _PACKAGED = "package:"  # -a list=package:NAME: fetcher/lists/NAME, shipped in the package (or egg)
 
 
@@ -218,7 +219,7 @@ class FetchSpider(Spider):
             with tempfile.TemporaryDirectory(prefix="fetcher-list-") as tmp:
                 path = await self._download_list(source, Path(tmp) / "list.txt")
                 self._count_ahead(path)
-                async for e in _in_thread(lambda: _parse_file(path)):
+                async for e in _in_thread(lambda: _parse_file(path), batch=_BATCH):
                     yield e
             return
         if source.startswith(_PACKAGED):
@@ -226,15 +227,19 @@ class FetchSpider(Spider):
                 path = Path(tmp) / "list"
                 path.write_bytes(_packaged_list(source))
                 self._count_ahead(path)
-                async for e in _in_thread(lambda: _parse_file(path)):
+                async for e in _in_thread(lambda: _parse_file(path), batch=_BATCH):
                     yield e
             return
         if source != "-":
             self._count_ahead(Path(source))
         # stdin may be a pipe that another program is still writing: a thread
         # reads it so that waiting for the next line never blocks the downloads.
-        async for e in _in_thread(lambda: _parse_stdin() if source == "-" else _parse_file(Path(source))):
-            yield e
+        if source == "-":  # a pipe: each line is handed over as it arrives
+            async for e in _in_thread(_parse_stdin):
+                yield e
+        else:
+            async for e in _in_thread(lambda: _parse_file(Path(source)), batch=_BATCH):
+                yield e
 
     def _count_ahead(self, path: Path) -> None:
         """Count the list's URL lines in a thread, so the progress display has a
@@ -410,40 +415,48 @@ class _Raised:
         self.exc = exc
 
 
-async def _in_thread(produce: Callable[[], Iterable[_T]], maxsize: int = 1024) -> AsyncIterator[_T]:
+async def _in_thread(produce: Callable[[], Iterable[_T]], maxsize: int = 1024, batch: int = 1) -> AsyncIterator[_T]:
     """Iterate a blocking iterable in a thread, through a bounded queue, so
-    that neither a slow source nor a fast one holds up the event loop."""
+    that neither a slow source nor a fast one holds up the event loop. Items
+    cross in lists of *batch* (a file: many at a time, each hand-over costs
+    locks and a thread switch; a pipe: 1, so that no line waits for the next)."""
     loop = asyncio.get_running_loop()
-    items: queue.Queue[Any] = queue.Queue(maxsize)
+    chunks: queue.Queue[list[Any]] = queue.Queue(max(1, maxsize // batch))
     ready = asyncio.Event()
     waiting = False
 
-    def put(item: object) -> None:
-        items.put(item)
+    def put(chunk: list[Any]) -> None:
+        chunks.put(chunk)
         if waiting:  # wake the consumer only when it sleeps: one wake-up per batch
             loop.call_soon_threadsafe(ready.set)
 
     def run() -> None:
+        chunk: list[Any] = []
         try:
             for item in produce():
-                put(item)
+                chunk.append(item)
+                if len(chunk) >= batch:
+                    put(chunk)
+                    chunk = []
         except BaseException as exc:  # noqa: BLE001 - handed over to the consumer
-            put(_Raised(exc))
-        put(_END)
+            chunk.append(_Raised(exc))
+        chunk.append(_END)
+        put(chunk)
 
     threading.Thread(target=run, name="fetcher-list", daemon=True).start()
     while True:
         try:
-            item = items.get_nowait()
+            chunk = chunks.get_nowait()
         except queue.Empty:
             ready.clear()
             waiting = True
-            if items.empty():
+            if chunks.empty():
                 await ready.wait()
             waiting = False
             continue
-        if item is _END:
-            return
-        if isinstance(item, _Raised):
-            raise item.exc
-        yield item
+        for item in chunk:
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
