@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -40,7 +41,8 @@ from fetcher.handlers import (
     StreamingDownloadHandler,
 )
 from fetcher.writer import FileTooLarge, HeadersLike, Sink
-from tests.origin import Origin, content_bytes
+from tests.conftest import Fetch
+from tests.origin import Origin, content_bytes, expected_digest
 
 _T = TypeVar("_T")
 KiB = 1024
@@ -346,3 +348,19 @@ def test_limits_are_keyed_and_sized_as_scrapy_slots(loop: asyncio.AbstractEventL
         assert slow is not plain and slow._value == 1
     finally:
         harness.close()
+
+
+def test_streamed_files_never_enter_the_http_cache(fetch: Fetch, origin: Origin, tmp_path: Path) -> None:
+    """HTTPCACHE_ENABLED: a cached streamed response would have an empty body (and a cached
+    answer would stand in for the server on a rerun or a retry): nothing of them is stored."""
+    cache = tmp_path / "httpcache"
+    url = f"{origin.url}/gen/64k/cached.bin"
+    settings = {"HTTPCACHE_ENABLED": True, "HTTPCACHE_DIR": str(cache)}
+    first = fetch(f"{url}\n", settings=settings)
+    assert first.returncode == 0, first.log
+    assert first.record(url)["checksum"] == expected_digest("cached.bin", 64 * KiB)
+    second = fetch(f"{url}\n", settings={**settings, "FETCHER_REVALIDATE": True})  # asks the server again
+    assert second.returncode == 0, second.log
+    assert second.record(url)["status"] == "uptodate" and second.record(url)["http_status"] == 304
+    assert origin.stats.hits_by_path["/gen/64k/cached.bin"] == 2
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
