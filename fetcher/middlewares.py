@@ -18,6 +18,8 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 class RedirectLoopError(IgnoreRequest):
     """A redirect leads back to a URL of its own chain, or the chain is too long."""
 
+    reason = "redirect loop"
+
 
 class RedirectGuardMiddleware:
     """Sits just before Scrapy's RedirectMiddleware (which follows redirects up

@@ -25,14 +25,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urldefrag
 
 from itemadapter import ItemAdapter
-from scrapy.exceptions import (
-    CannotResolveHostError,
-    DownloadConnectionRefusedError,
-    DownloadFailedError,
-    DownloadTimeoutError,
-    IgnoreRequest,
-    ResponseDataLossError,
-)
 from scrapy.http import Request, Response
 from scrapy.http.request import NO_CALLBACK
 from scrapy.pipelines.files import FilesPipeline
@@ -40,7 +32,7 @@ from scrapy.pipelines.media import FileException
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.asyncio import is_asyncio_available
 from scrapy.utils.defer import ensure_awaitable
-from scrapy.utils.misc import arg_to_iter, load_object
+from scrapy.utils.misc import arg_to_iter
 from scrapy.utils.python import global_object_name
 from scrapy.utils.response import response_status_message
 from twisted.python.failure import Failure
@@ -51,24 +43,15 @@ from fetcher.addon import DEFAULTS
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
-from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG, StallTimeoutError, TLSError
+from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
-from fetcher.middlewares import RedirectLoopError
 from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
 from fetcher.redact import safe_url
+from fetcher.retry import CACHED_FLAG, Action, Attempt, RetryPolicy, Verdict, reason_of
 from fetcher.stores import LocalTarget, RemoteObject, RemoteTarget, Target, store_error, target_for
 from fetcher.urllist import Entry
-from fetcher.writer import (
-    BodyError,
-    FileTooLarge,
-    HashingWriter,
-    LengthMismatch,
-    ResumeMismatch,
-    StorageError,
-    Validators,
-    hash_file,
-)
+from fetcher.writer import BodyError, HashingWriter, Validators, hash_file
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -87,7 +70,8 @@ _VERIFY_MODES = ("stat", "full")
 
 
 class _Outcome(Exception):
-    """One attempt's end, as something to retry or give up on."""
+    """One attempt's end that is not a finished file: what fetcher/retry.py decided,
+    or the pipeline's own reason to give up (a checksum mismatch, a stopped run)."""
 
     def __init__(self, message: str, *, reason: str, retryable: bool, http_status: int | None = None,
                  retry_after: float | None = None, keep_part: bool = True, free: bool = False) -> None:
@@ -98,6 +82,12 @@ class _Outcome(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.keep_part = keep_part
+
+    @classmethod
+    def of(cls, verdict: Verdict, http_status: int | None = None) -> _Outcome:
+        return cls(verdict.message, reason=verdict.reason, retryable=verdict.action is not Action.GIVE_UP,
+                   http_status=http_status, retry_after=verdict.retry_after, keep_part=verdict.keep_part,
+                   free=verdict.action in (Action.START_OVER, Action.CHECK_END))
 
 
 class StreamingFilesPipeline(FilesPipeline):
@@ -154,11 +144,7 @@ class StreamingFilesPipeline(FilesPipeline):
         self.revalidate = s.getbool("FETCHER_REVALIDATE", DEFAULTS["FETCHER_REVALIDATE"])
         self.fsync = s.getbool("FETCHER_FSYNC", DEFAULTS["FETCHER_FSYNC"])
         self.keep_empty = s.getbool("FETCHER_EMPTY_FILES", DEFAULTS["FETCHER_EMPTY_FILES"])
-        self.retry_times = s.getint("RETRY_TIMES") if s.getbool("RETRY_ENABLED") else 0
-        self.retry_codes = {int(c) for c in s.getlist("RETRY_HTTP_CODES")}
-        self.retry_exceptions = tuple(
-            load_object(x) if isinstance(x, str) else x for x in s.getlist("RETRY_EXCEPTIONS")
-        )
+        self.retry = RetryPolicy.from_settings(s)
         self.backoff = Backoff(
             s.getfloat("FETCHER_BACKOFF_BASE", DEFAULTS["FETCHER_BACKOFF_BASE"]),
             s.getfloat("FETCHER_BACKOFF_MAX", DEFAULTS["FETCHER_BACKOFF_MAX"]),
@@ -467,8 +453,7 @@ class StreamingFilesPipeline(FilesPipeline):
         free_checks = _END_CHECKS
         last: _Outcome | None = None
         mirrors = self._mirror_order(entry, request)
-        retry_times = 0 if request.meta.get("dont_retry") else int(request.meta.get("max_retry_times",
-                                                                                   self.retry_times))
+        retry_times = self.retry.times_for(request.meta)
         at, tried, dead, failures = 0, {mirrors[0]}, set[str](), dict[str, str]()
         try:
             if await self._uptodate(request, final, algorithms, record):
@@ -749,14 +734,8 @@ class StreamingFilesPipeline(FilesPipeline):
                 raise
             raise _Outcome("the run was stopped during the transfer (its .part is kept: a rerun resumes it)",
                            reason="stopped", retryable=False) from None
-        except BodyError as exc:
-            # A resume that went wrong starts over from byte 0; other kept bytes stay.
-            raise _Outcome(str(exc), reason=_reason(exc), retryable=exc.retryable,
-                           keep_part=exc.retryable and not isinstance(exc, ResumeMismatch)) from exc
-        except self.retry_exceptions as exc:
-            raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=True) from exc
-        except Exception as exc:  # IgnoreRequest (redirect loops), TLS, unsupported: final
-            raise _Outcome(str(exc) or type(exc).__name__, reason=_reason(exc), retryable=False) from exc
+        except Exception as exc:  # the handler's, the writer's or a middleware's error: the policy says
+            raise _Outcome.of(self.retry.classify(Attempt(error=exc))) from exc
         finally:
             self._transfers.discard(transfer)
 
@@ -781,33 +760,25 @@ class StreamingFilesPipeline(FilesPipeline):
         """Judge a response: commit the file, or raise the _Outcome to act on."""
         status = response.status
         record.http_status = status
-        cached = "cached" in response.flags
-        if "download_stopped" in response.flags:
-            raise _Outcome("stopped by StopDownload (a headers_received or bytes_received handler)",
-                           reason="stopped by StopDownload", retryable=False, http_status=status, keep_part=False)
-        if cached and 200 <= status < 300:  # Scrapy's HTTP cache answered: its body is in memory
-            self._write_body(writer, response)
-        elif writer.is_complete_part(status, response.headers):
-            writer.size = writer.offset  # nothing was missing: the kept part is the whole file
-        elif status == 416 and writer.offset:  # the kept part is not a prefix of the file: start over
-            raise _Outcome("the server refused to resume (HTTP 416)", reason="bad resume", retryable=True,
-                           http_status=status, keep_part=False, free=True)
-        elif STREAMED_FLAG not in response.flags and 200 <= status < 300 and not cached:
-            raise _Outcome(f"HTTP {status} but the body was not streamed: DOWNLOAD_HANDLERS must map this scheme "
-                           "to fetcher.handlers.StreamingDownloadHandler", reason="not streamed",
-                           retryable=False, http_status=status)
-        elif STREAMED_FLAG not in response.flags:
-            retry_after = None
-            if status in (429, 503):
-                retry_after = retry_after_seconds((response.headers.get("Retry-After") or b"").decode("latin-1"),
-                                                  time.time())
-            raise _Outcome(f"HTTP {status}", reason=f"HTTP {status}", retryable=status in self.retry_codes,
-                           http_status=status, retry_after=retry_after)
-        elif UNVERIFIED_END_FLAG in response.flags and writer.resumable():
+        flags = frozenset(response.flags)
+        retry_after = None
+        if status in (429, 503):
+            retry_after = retry_after_seconds((response.headers.get("Retry-After") or b"").decode("latin-1"),
+                                              time.time())
+        part_complete = writer.is_complete_part(status, response.headers)
+        verdict = self.retry.classify(Attempt(
+            status=status, streamed=STREAMED_FLAG in flags, flags=flags, resumed=bool(writer.offset),
+            part_complete=part_complete, retry_after=retry_after,
             # No length and the connection closed: a reset looks the same as the end.
-            # Ask for the bytes after it; a 416 says there are none.
-            raise _Outcome("the body ended with the connection and no length", reason="unverified end",
-                           retryable=True, http_status=status, free=True)
+            unverified_end=UNVERIFIED_END_FLAG in flags and writer.resumable(),
+        ))
+        if verdict.action is not Action.DONE:
+            raise _Outcome.of(verdict, status)
+        cached = CACHED_FLAG in flags
+        if cached:  # Scrapy's HTTP cache answered: its body is in memory
+            self._write_body(writer, response)
+        elif part_complete:
+            writer.size = writer.offset  # nothing was missing: the kept part is the whole file
         record.received = 0 if cached else writer.transferred
         if writer.size == 0 and not self.keep_empty:
             raise _Outcome("empty body (stock FilesPipeline refuses empty files; FETCHER_EMPTY_FILES=True keeps them)",
@@ -828,7 +799,7 @@ class StreamingFilesPipeline(FilesPipeline):
         try:
             st = writer.commit()
         except BodyError as exc:
-            raise _Outcome(str(exc), reason=_reason(exc), retryable=False, http_status=status,
+            raise _Outcome(str(exc), reason=reason_of(exc), retryable=False, http_status=status,
                            keep_part=False) from exc
         record.status, record.size, record.checksum = "cached" if cached else "downloaded", writer.size, \
             digests[self.algorithm]
@@ -851,7 +822,7 @@ class StreamingFilesPipeline(FilesPipeline):
             writer.write(response.body)
             writer.finish()
         except BodyError as exc:
-            raise _Outcome(str(exc), reason=_reason(exc), retryable=False, keep_part=False) from exc
+            raise _Outcome(str(exc), reason=reason_of(exc), retryable=False, keep_part=False) from exc
 
     def _rename(self, writer: HashingWriter, record: FileRecord, path: str) -> None:
         """Name the file as a subclass's file_path does once it sees the response."""
@@ -873,13 +844,13 @@ class StreamingFilesPipeline(FilesPipeline):
         recorded as downloaded unless the store took it. The spool copy goes either way."""
         assert isinstance(self.target, RemoteTarget) and record.path and record.checksum and record.size is not None
         try:
-            for attempt in range(1, self.retry_times + 2):
+            for attempt in range(1, self.retry.times + 2):
                 try:
                     await asyncio.to_thread(self.target.upload, local, record.path, record.size,
                                             self.algorithm, record.checksum)
                     return
                 except Exception as exc:  # noqa: BLE001 - every store's client raises many kinds
-                    if attempt > self.retry_times or spider_closing(self.crawler):
+                    if attempt > self.retry.times or spider_closing(self.crawler):
                         record.status, record.reason = "failed", "upload failed"
                         record.error = f"upload to {self.target.describe()} failed: {exc}"
                         return
@@ -894,31 +865,6 @@ class StreamingFilesPipeline(FilesPipeline):
             logger.error("Failed %s: %s", safe_url(record.url), record.error)
         self.inc_stats(record.status)
         self.crawler.signals.send_catch_log(signals.file_finished, record=record)
-
-
-_REASONS: tuple[tuple[type[BaseException], str], ...] = (
-    (StallTimeoutError, "stall timeout"),
-    (DownloadTimeoutError, "timeout"),
-    (DownloadConnectionRefusedError, "connection refused"),
-    (CannotResolveHostError, "DNS lookup failed"),
-    (ResponseDataLossError, "connection lost mid-body"),
-    (DownloadFailedError, "connection failed"),
-    (TLSError, "TLS error"),
-    (FileTooLarge, "over FETCHER_MAX_SIZE"),
-    (StorageError, "disk error"),
-    (LengthMismatch, "length mismatch"),
-    (ResumeMismatch, "bad resume"),
-    (RedirectLoopError, "redirect loop"),
-    (IgnoreRequest, "not downloaded"),
-)
-
-
-def _reason(exc: BaseException) -> str:
-    """The short failure category the summary groups by."""
-    for cls, reason in _REASONS:
-        if isinstance(exc, cls):
-            return reason
-    return type(exc).__name__
 
 
 def _stats_reason(outcome: _Outcome) -> str:

@@ -51,29 +51,40 @@ class Sink(Protocol):
 
 
 class BodyError(Exception):
-    """A body that must not be kept; ``retryable`` says whether trying again can help."""
+    """A body that must not be kept. Each kind says whether trying again can help
+    (``retryable``), whether the bytes kept so far can still be continued
+    (``keeps_part``), and its short ``reason`` (fetcher/retry.py reads all three)."""
 
     retryable = False
+    keeps_part = True
+    reason = "body error"
 
 
 class FileTooLarge(BodyError):
     """The body is over FETCHER_MAX_SIZE."""
+
+    reason = "over FETCHER_MAX_SIZE"
 
 
 class ResumeMismatch(BodyError):
     """The server resumed at another offset than the one asked for: start over."""
 
     retryable = True
+    keeps_part = False
+    reason = "bad resume"
 
 
 class LengthMismatch(BodyError):
     """Fewer or more bytes arrived than the server announced."""
 
     retryable = True
+    reason = "length mismatch"
 
 
 class StorageError(BodyError):
     """The disk refused the bytes (ENOSPC, EACCES, a path that is a file...)."""
+
+    reason = "disk error"
 
     def __init__(self, path: Path, exc: OSError) -> None:
         super().__init__(f"cannot write {path}: {exc.strerror or exc}")

@@ -122,7 +122,7 @@ def test_media_to_download_of_a_subclass_decides_without_a_download(tmp_path: Pa
             return {"url": request.url, "path": "known.bin", "checksum": "abc", "status": "uptodate"}
 
     p = pipeline(tmp_path, Known)
-    item = asyncio.run(p.process_item({"file_urls": ["http://example.invalid/k.bin"]}))
+    item = asyncio.get_event_loop().run_until_complete(p.process_item({"file_urls": ["http://example.invalid/k.bin"]}))
     assert item["files"] == [{"url": "http://example.invalid/k.bin", "path": "known.bin", "checksum": "abc",
                               "status": "uptodate"}]
     assert p.crawler.stats.get_value("file_status_count/uptodate") == 1
