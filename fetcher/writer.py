@@ -23,6 +23,9 @@ from typing import Any, BinaryIO, Protocol
 PART_SUFFIX = ".part"
 META_SUFFIX = ".part.meta"
 _READ_CHUNK = 1 << 20
+#: Bodies of at least this size (or of unknown size) get their resume validators on disk as
+#: they begin; smaller ones only if they are interrupted (no write per small file).
+_META_EAGER = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
@@ -164,6 +167,8 @@ class HashingWriter:
         self._hashed = 0  # how many bytes of .part the hashes cover
         self._file: BinaryIO | None = None
         self.resumed_from = 0  # offset the current body was appended at
+        self._meta_pending = False  # the validators of the body being written are not on disk yet
+        self._meta_written = False
         self.transferred = 0  # body bytes received over all attempts
 
     # -- before a request (blocking disk work when there is a prefix to hash)
@@ -178,6 +183,7 @@ class HashingWriter:
         self.close()
         self.offset = 0
         validators = self._read_meta() if self.resume else None
+        self._meta_written = self._meta_written or validators is not None
         try:
             size = self.part.stat().st_size
         except FileNotFoundError:
@@ -238,8 +244,9 @@ class HashingWriter:
             if self.resumed_from:
                 self._file.seek(self.resumed_from)
                 self._file.truncate()
-            if self.resume:
-                self._write_meta(validators)
+            self._meta_pending = self.resume
+            if self.resume and (total is None or total - self.resumed_from >= _META_EAGER):
+                self._save_meta()  # a big body: resumable even after a kill -9
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
         self.size = self._hashed = self.resumed_from
@@ -293,6 +300,9 @@ class HashingWriter:
 
     def close(self) -> None:
         """Close the .part file, keeping it (and its validators) for a later resume."""
+        if self._meta_pending and self.size:
+            with contextlib.suppress(OSError):  # without them the next attempt starts over: no harm
+                self._save_meta()
         if self._file is not None:
             try:
                 self._file.close()
@@ -318,7 +328,9 @@ class HashingWriter:
             os.replace(self.part, self.final)
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
-        self.meta.unlink(missing_ok=True)
+        self._meta_pending = False
+        if self._meta_written:
+            self.meta.unlink(missing_ok=True)
         if self.validators is not None and self.validators.last_modified:
             with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
                 when = parsedate_to_datetime(self.validators.last_modified).timestamp()
@@ -330,6 +342,7 @@ class HashingWriter:
 
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
+        self._meta_pending = False
         self.close()
         with contextlib.suppress(OSError):  # e.g. a parent that is a file: nothing was written
             self.part.unlink(missing_ok=True)
@@ -348,9 +361,13 @@ class HashingWriter:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _write_meta(self, v: Validators) -> None:
+    def _save_meta(self) -> None:
+        """Write the validators a later resume needs beside the .part (once per body)."""
+        v = self.validators
+        assert v is not None
         record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length}
         self.meta.write_text(json.dumps(record), encoding="utf-8")
+        self._meta_pending, self._meta_written = False, True
 
 
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
