@@ -210,7 +210,10 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             except (BodyError, DownloadTimeoutError, StopDownload):
                 raise
             except Exception as exc:
-                raise _readable(exc, request) from exc
+                readable = _readable(exc, request)
+                if readable is exc:  # already Scrapy's (TunnelError, NotSupported...)
+                    raise
+                raise readable from exc
             finally:
                 stats.inc_value("fetcher/active", -1)
 
