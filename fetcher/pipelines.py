@@ -49,9 +49,10 @@ from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
 from fetcher.redact import safe_url
 from fetcher.retry import CACHED_FLAG, Action, Attempt, RetryPolicy, Verdict, reason_of
+from fetcher.segments import Segment, SegmentSink, SegmentState
 from fetcher.stores import LocalTarget, RemoteObject, RemoteTarget, Target, store_error, target_for
 from fetcher.urllist import Entry
-from fetcher.writer import BodyError, HashingWriter, Validators, hash_file
+from fetcher.writer import BodyError, HashingWriter, Sink, Validators, hash_file
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -144,6 +145,10 @@ class StreamingFilesPipeline(FilesPipeline):
         self.revalidate = s.getbool("FETCHER_REVALIDATE", DEFAULTS["FETCHER_REVALIDATE"])
         self.fsync = s.getbool("FETCHER_FSYNC", DEFAULTS["FETCHER_FSYNC"])
         self.keep_empty = s.getbool("FETCHER_EMPTY_FILES", DEFAULTS["FETCHER_EMPTY_FILES"])
+        self.split = s.getint("FETCHER_SPLIT", DEFAULTS["FETCHER_SPLIT"])
+        self.min_split = s.getint("FETCHER_MIN_SPLIT_SIZE", DEFAULTS["FETCHER_MIN_SPLIT_SIZE"])
+        if self.split < 1 or self.min_split < 1:
+            raise StartupError("FETCHER_SPLIT and FETCHER_MIN_SPLIT_SIZE must be positive")
         self.retry = RetryPolicy.from_settings(s)
         self.backoff = Backoff(
             s.getfloat("FETCHER_BACKOFF_BASE", DEFAULTS["FETCHER_BACKOFF_BASE"]),
@@ -460,11 +465,20 @@ class StreamingFilesPipeline(FilesPipeline):
                 if not (self.revalidate and (record.etag or record.last_modified)):
                     return record
                 conditional = Validators(entry.url, record.etag, record.last_modified).conditional()
+            split = entry.split or self.split
+            if split > 1 and not conditional and mirrors[at] == request.url:
+                response = await self._split_download(request, writer, record, split)
+                if response is not None:  # None: the file cannot be split; it is fetched as one stream
+                    self._commit(response, writer, record, request, item)
+                    if isinstance(self.target, RemoteTarget):
+                        await self._upload(writer.final, record)
+                    return record
             while True:
                 record.attempts += 1
                 try:
                     await self._prepare(writer)
-                    response = await self._download(request, mirrors[at], writer, conditional)
+                    response = await self._download(request, mirrors[at], writer,
+                                                    {**conditional, **writer.range_headers()})
                     if response.status == 304 and conditional:
                         record.http_status = 304
                         return record  # _uptodate filled it in
@@ -709,18 +723,17 @@ class StreamingFilesPipeline(FilesPipeline):
         start = self._turn % len(urls)
         return urls[start:] + urls[:start]
 
-    async def _download(self, request: Request, url: str, writer: HashingWriter,
-                        conditional: dict[str, str]) -> Response:
+    async def _download(self, request: Request, url: str, sink: Sink, extra: dict[str, str]) -> Response:
+        """One attempt of *request* from *url* into *sink*, with *extra* headers (Range, conditions)."""
         if spider_closing(self.crawler):  # Ctrl-C, CLOSESPIDER_*: start nothing new; a rerun resumes
             raise _Outcome("the run was stopped before this file was fetched", reason="stopped", retryable=False)
         headers = dict(request.headers.to_unicode_dict())
         headers["Accept-Encoding"] = "identity"  # the bytes the server has, not a re-encoding
-        headers.update(conditional)
-        headers.update(writer.range_headers())
+        headers.update(extra)
         attempt = request.replace(
             url=url,
             headers=headers,
-            meta={**request.meta, SINK_META: writer, "dont_retry": True,
+            meta={**request.meta, SINK_META: sink, "dont_retry": True,
                   **({} if self.allow_redirects else {"dont_redirect": True})},
         )
         # The handler holds a transfer slot (CONCURRENT_REQUESTS) only while bytes can flow:
@@ -738,6 +751,86 @@ class StreamingFilesPipeline(FilesPipeline):
             raise _Outcome.of(self.retry.classify(Attempt(error=exc))) from exc
         finally:
             self._transfers.discard(transfer)
+
+    async def _split_download(self, request: Request, writer: HashingWriter, record: FileRecord,
+                              split: int) -> Response | None:
+        """aria2's ``split=``: fetch the file as up to *split* ranges at once (each its own
+        transfer, counted in CONCURRENT_REQUESTS and the host's limit, each resumed on a
+        retry or in a later run), then hash the whole ``.part``. Returns the response that
+        announced the file, or None when it cannot be split (no ranges, too small, no HEAD)."""
+        head = await self._head(request)
+        if head is None:
+            return None
+        length = int(head.headers[b"Content-Length"])
+        if b"bytes" not in (head.headers.get(b"Accept-Ranges") or b"").lower() or length < 2 * self.min_split:
+            return None
+        headers = {k: (head.headers.get(k) or b"").decode("latin-1") or None for k in ("ETag", "Last-Modified")}
+        validators = Validators(record.url, headers["ETag"], headers["Last-Modified"], length)
+        if not validators.if_range():
+            return None  # nothing to tell a changed file by: its ranges must not be combined
+        state = SegmentState.resume_or_start(writer.final, validators, split, self.min_split)
+        if state.received == 0:
+            writer.discard()  # a single stream's .part, if any, is not these segments'
+        try:
+            fd = state.open()
+        except OSError as exc:
+            raise _Outcome(f"cannot write {state.part}: {exc.strerror or exc}", reason="disk error",
+                           retryable=False) from exc
+        before, record.attempts = state.received, 1
+        try:
+            async with asyncio.TaskGroup() as segments:  # the first segment that fails stops the others
+                for segment in state.segments:
+                    if not segment.complete:
+                        segments.create_task(self._fetch_segment(request, fd, state, segment, record))
+        except* _Outcome as failed:
+            raise failed.exceptions[0] from None
+        finally:
+            os.close(fd)
+            record.received = state.received - before
+            state.save()
+        await asyncio.to_thread(writer.adopt, validators)
+        state.remove()
+        record.http_status = head.status
+        return head
+
+    async def _fetch_segment(self, request: Request, fd: int, state: SegmentState, segment: Segment,
+                             record: FileRecord) -> None:
+        """One segment, retried as a file is (each retry counts in the record's attempts).
+        A final failure is the file's (_Outcome): the segments' bytes stay for a resume."""
+        retries, times = 0, self.retry.times_for(request.meta)
+        while True:
+            sink = SegmentSink(fd, state.part, segment, state.validators)
+            extra = {"Range": segment.range_header(), "If-Range": state.validators.if_range() or ""}
+            try:
+                response = await self._download(request, request.url, sink, extra)
+                verdict = self.retry.classify(Attempt(status=response.status, streamed=STREAMED_FLAG in response.flags,
+                                                      flags=frozenset(response.flags), resumed=True))
+                if verdict.action is Action.DONE and segment.complete:
+                    return
+                outcome = _Outcome.of(verdict, response.status)
+            except _Outcome as raised:
+                outcome = raised
+            if not outcome.retryable or retries >= times:
+                if not outcome.keep_part:
+                    segment.done = 0
+                raise _Outcome(f"segment {segment.start}-{segment.end - 1}: {outcome}", reason=outcome.reason,
+                               retryable=False, http_status=outcome.http_status)
+            retries += 1
+            record.attempts += 1
+            self.crawler.stats.inc_value("retry/count")
+            await self._wait(self.backoff.delay(retries, outcome.retry_after))
+
+    async def _head(self, request: Request) -> Response | None:
+        """The server's HEAD for *request*, if it answers 200 with a length."""
+        head = request.replace(method="HEAD", headers={**request.headers.to_unicode_dict(),
+                                                       "Accept-Encoding": "identity"},
+                               meta={**request.meta, "dont_retry": True})
+        try:
+            response = await self.crawler.engine.download_async(head)
+        except Exception:  # noqa: BLE001 - no HEAD: the file is fetched as one stream
+            return None
+        length = (response.headers.get(b"Content-Length") or b"").strip()
+        return response if response.status == 200 and length.isdigit() else None
 
     async def _stop_transfers_on_close(self) -> None:
         """A stopped run (Ctrl-C, CLOSESPIDER_*) ends within seconds even with large
@@ -780,6 +873,12 @@ class StreamingFilesPipeline(FilesPipeline):
         elif part_complete:
             writer.size = writer.offset  # nothing was missing: the kept part is the whole file
         record.received = 0 if cached else writer.transferred
+        self._commit(response, writer, record, request, item)
+
+    def _commit(self, response: Response, writer: HashingWriter, record: FileRecord, request: Request,
+                item: Any) -> None:
+        """A complete body: check it (empty, checksum), name it, and move it into place."""
+        status, cached = response.status, CACHED_FLAG in response.flags
         if writer.size == 0 and not self.keep_empty:
             raise _Outcome("empty body (stock FilesPipeline refuses empty files; FETCHER_EMPTY_FILES=True keeps them)",
                            reason="empty-content", retryable=False, http_status=status, keep_part=False)

@@ -217,7 +217,7 @@ class HashingWriter:
             return False
         total = _header_int(headers, "Content-Length")
         if status == 206:
-            start, total = _content_range(headers)
+            start, total = content_range(headers)
             validators = self._validators_of(headers, total)
             if start != self.offset:
                 raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
@@ -340,6 +340,16 @@ class HashingWriter:
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
 
+    def adopt(self, validators: Validators) -> None:
+        """Take a ``.part`` written by other means (a segmented download) as this
+        writer's whole body: hash it, as a resumed prefix is hashed (blocking)."""
+        self.close()
+        self._reset_hashes()
+        with self.part.open("rb") as f:
+            self._hashed = _hash_into(f, self._hashes)
+        self.size = self.offset = self._hashed
+        self.validators, self.expected_size = validators, validators.length
+
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
         self._meta_pending = False
@@ -401,7 +411,7 @@ def _header_int(headers: HeadersLike, name: str) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
-def _content_range(headers: HeadersLike) -> tuple[int, int | None]:
+def content_range(headers: HeadersLike) -> tuple[int, int | None]:
     """Start offset and full length from a 206's Content-Range."""
     value = _header_str(headers, "Content-Range") or ""
     m = _CONTENT_RANGE.fullmatch(value.strip())
