@@ -105,12 +105,44 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _AGENTS_KEPT = 64
 
 
-class StallTimeoutError(DownloadTimeoutError):
+# The errors of streamed requests: Scrapy's own classes (so RETRY_EXCEPTIONS still
+# names them), each with the short reason the summary groups failures by.
+
+
+class DNSLookupFailed(CannotResolveHostError):
+    reason = "DNS lookup failed"
+
+
+class ConnectionRefused(DownloadConnectionRefusedError):
+    reason = "connection refused"
+
+
+class Timeout(DownloadTimeoutError):
+    """No connection or no response headers within DOWNLOAD_TIMEOUT, or over FETCHER_MAX_TIME."""
+
+    reason = "timeout"
+
+
+class StallTimeoutError(Timeout):
     """No body bytes arrived for FETCHER_STALL_TIMEOUT seconds."""
+
+    reason = "stall timeout"
+
+
+class ConnectionFailed(DownloadFailedError):
+    reason = "connection failed"
+
+
+class ConnectionLost(ResponseDataLossError):
+    """The connection ended before the body did."""
+
+    reason = "connection lost mid-body"
 
 
 class TLSError(Exception):
     """The TLS handshake failed (a certificate that does not verify): retrying cannot help."""
+
+    reason = "TLS error"
 
 
 class _TransferLimits:
@@ -249,7 +281,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             txresponse = cast("TxResponse", await maybe_deferred_to_future(d))
         except Exception as exc:
             if not headers_call.active():  # our cancel fired: Twisted wraps it in various ways
-                raise DownloadTimeoutError(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
+                raise Timeout(f"no response within {timeout:g} s (DOWNLOAD_TIMEOUT)") from exc
             raise
         finally:
             if headers_call.active():
@@ -298,7 +330,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             )
             txresponse.deliverBody(reader)
             max_call = (
-                self._reactor.callLater(self._max_time, reader.fail, DownloadTimeoutError(
+                self._reactor.callLater(self._max_time, reader.fail, Timeout(
                     f"download took longer than {self._max_time:g} s (FETCHER_MAX_TIME)"))
                 if self._max_time else None
             )
@@ -451,7 +483,7 @@ class _BodyReader(Protocol):
         elif not self._rules.fail_on_dataloss:
             self._end(dataloss=True)
         else:
-            self.fail(ResponseDataLossError(
+            self.fail(ConnectionLost(
                 f"connection lost after {self._received} body bytes: {_reason(reason)}"))
 
     def fail(self, exc: Exception) -> None:
@@ -572,17 +604,17 @@ def _readable(exc: Exception, request: Request) -> Exception:
         peer = f"proxy {host_of(add_http_if_no_scheme(proxy))}"
         host = f"{host} through {peer}"
     if isinstance(exc, txerror.DNSLookupError):
-        return CannotResolveHostError(f"DNS lookup failed for {peer}")
+        return DNSLookupFailed(f"DNS lookup failed for {peer}")
     if isinstance(exc, txerror.ConnectionRefusedError):
-        return DownloadConnectionRefusedError(f"connection refused by {peer}")
+        return ConnectionRefused(f"connection refused by {peer}")
     if isinstance(exc, txerror.TimeoutError):
-        return DownloadTimeoutError(f"connecting to {peer} timed out")
+        return Timeout(f"connecting to {peer} timed out")
     reasons = getattr(exc, "reasons", None) or []  # ResponseFailed, ResponseNeverReceived
     described = _describe(exc)
     if any(_is_verification_failure(r.value) for r in reasons):
         return TLSError(f"TLS with {host} failed: {described} (DOWNLOAD_VERIFY_CERTIFICATES=False skips the check)")
     if reasons:
-        return DownloadFailedError(f"connection to {host} failed: {described}")
+        return ConnectionFailed(f"connection to {host} failed: {described}")
     if isinstance(exc, txerror.ConnectError):
-        return DownloadFailedError(f"cannot connect to {peer}: {exc}")
+        return ConnectionFailed(f"cannot connect to {peer}: {exc}")
     return exc

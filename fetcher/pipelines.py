@@ -43,7 +43,7 @@ from fetcher.addon import DEFAULTS
 from fetcher.backoff import Backoff, retry_after_seconds
 from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
-from fetcher.handlers import SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
+from fetcher.handlers import DATALOSS_FLAG, SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.naming import INDEX_NAME, url_to_path
 from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
@@ -905,7 +905,7 @@ class StreamingFilesPipeline(FilesPipeline):
         record.mtime_ns, record.response = st.st_mtime_ns, response
         if writer.final != first and isinstance(self.target, LocalTarget):
             self.target.prune(first.parent)
-        if "dataloss" in response.flags:
+        if DATALOSS_FLAG in response.flags:
             record.note = (f"kept short: the connection ended after {writer.size} bytes of "
                            f"{writer.expected_size} (DOWNLOAD_FAIL_ON_DATALOSS=False)")
         if writer.validators is not None:

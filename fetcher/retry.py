@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from scrapy.exceptions import StopDownload
 from scrapy.utils.misc import load_object
 
+from fetcher.handlers import STOPPED_FLAG
+
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
-#: Flags on a Response that say how it ended (Scrapy's own names).
-STOPPED_FLAG = "download_stopped"  # a headers_received/bytes_received handler raised StopDownload
-CACHED_FLAG = "cached"  # HttpCacheMiddleware answered: the body is in memory
+#: HttpCacheMiddleware's flag on a response it answered: the body is in memory.
+CACHED_FLAG = "cached"
 
 
 class Action(enum.Enum):

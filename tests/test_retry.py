@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from scrapy.exceptions import DownloadConnectionRefusedError, IgnoreRequest
+from scrapy.exceptions import DownloadConnectionRefusedError, DownloadTimeoutError, IgnoreRequest, StopDownload
 from scrapy.settings import Settings
 
+from fetcher.handlers import ConnectionRefused, StallTimeoutError
 from fetcher.retry import Action, Attempt, RetryPolicy, Verdict
 from fetcher.writer import FileTooLarge, LengthMismatch, ResumeMismatch
 
 POLICY = RetryPolicy(times=3, http_codes=frozenset({500, 503, 429}),
-                     exceptions=(DownloadConnectionRefusedError, TimeoutError))
+                     exceptions=(DownloadConnectionRefusedError, DownloadTimeoutError))
 
 
 class Odd(Exception):
@@ -43,6 +44,12 @@ CASES = [
     # errors: RETRY_EXCEPTIONS, and the writer's own say whether trying again helps
     (Attempt(error=DownloadConnectionRefusedError("connection refused by h")),
      Verdict(Action.RETRY, "DownloadConnectionRefusedError", "connection refused by h")),
+    (Attempt(error=ConnectionRefused("connection refused by h")),  # the handler's: its own reason
+     Verdict(Action.RETRY, "connection refused", "connection refused by h")),
+    (Attempt(error=StallTimeoutError("no data for 5 s")), Verdict(Action.RETRY, "stall timeout", "no data for 5 s")),
+    (Attempt(error=StopDownload(fail=True)),
+     Verdict(Action.GIVE_UP, "stopped by StopDownload",
+             "stopped by StopDownload (a headers_received or bytes_received handler)", keep_part=False)),
     (Attempt(error=IgnoreRequest("no")), Verdict(Action.GIVE_UP, "IgnoreRequest", "no")),
     (Attempt(error=Odd()), Verdict(Action.GIVE_UP, "odd", "Odd")),
     (Attempt(error=LengthMismatch("got 3 bytes, the server announced 5")),
