@@ -369,15 +369,22 @@ class StreamingFilesPipeline(FilesPipeline):
             self._inflight[path] = (entry.url, future)
             try:
                 async with self._owning(path):
-                    record = await self._fetch(request, entry, path, item)
+                    try:
+                        record = await self._fetch(request, entry, path, item)
+                    except Exception as exc:  # a bug must not lose the record
+                        logger.exception("Unexpected error fetching %s", safe_url(entry.url))
+                        record = FileRecord(entry, "failed", error=f"internal error: {exc!r}",
+                                            reason="internal error")
+                    # Recorded while the path is still ours: another process that takes it
+                    # next finds the record, not a file it would have to ask the server about.
+                    self._finished(record)
             except _Outcome as outcome:  # stopped while another process had the file
                 record = FileRecord(entry, "failed", error=str(outcome), reason=outcome.reason)
-            except Exception as exc:  # a bug must not lose the record
-                logger.exception("Unexpected error fetching %s", entry.url)
-                record = FileRecord(entry, "failed", error=f"internal error: {exc!r}", reason="internal error")
+                self._finished(record)
             finally:
                 del self._inflight[path]
             future.set_result(record)
+            return record
         self._finished(record)
         return record
 
