@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_FSYNC": False,  # fsync each file before renaming it into place
     "FETCHER_STALL_TIMEOUT": None,  # seconds without body bytes before an attempt is abandoned; None: DOWNLOAD_TIMEOUT
     "FETCHER_MAX_TIME": 0,  # seconds one attempt may take in all (0: no limit)
+    "FETCHER_MAX_RATE": 0,  # bytes/s (or "512K", "2M") for all transfers together (0: no cap); wget's --limit-rate
+    "FETCHER_MAX_RATE_PER_HOST": 0,  # bytes/s for each host (downloader slot) across its transfers (0: no cap)
     "FETCHER_SPLIT": 1,  # ranges fetched at once per file (aria2's split=; a list entry's split= wins)
     "FETCHER_MIN_SPLIT_SIZE": 20 * 1024 * 1024,  # no range shorter than this (aria2's -k): smaller files, one
     # -- Retries (RETRY_TIMES, RETRY_HTTP_CODES, RETRY_EXCEPTIONS say which and how often)

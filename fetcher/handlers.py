@@ -21,6 +21,15 @@ Timeouts for streamed requests: DOWNLOAD_TIMEOUT (or meta ``download_timeout``)
 bounds connecting plus waiting for the response headers; FETCHER_STALL_TIMEOUT
 bounds every silence while the body flows; FETCHER_MAX_TIME, when set, bounds
 the whole request. A large file that keeps flowing is never cut for being long.
+
+Bandwidth caps for streamed bodies: FETCHER_MAX_RATE (all transfers of the crawl,
+as aria2's --max-overall-download-limit and wget's --limit-rate) and
+FETCHER_MAX_RATE_PER_HOST (each downloader slot, keyed as Scrapy keys it), in bytes
+a second. Each chunk is charged to token buckets (fetcher.ratelimit); over a cap,
+the transfer stops reading its socket until the debt is paid, so nothing waits in
+memory and TCP slows the sender. A paused transfer is not a stalled one. Unset, no
+bucket exists and a chunk costs one test. Requests that are not streamed (handed
+to the stock handler) are not counted.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from scrapy.core.downloader.handlers.base import BaseDownloadHandler
 from scrapy.core.downloader.handlers.http11 import HTTP11DownloadHandler
 from scrapy.exceptions import (
     CannotResolveHostError,
+    CloseSpider,
     DownloadConnectionRefusedError,
     DownloadFailedError,
     DownloadTimeoutError,
@@ -71,6 +81,8 @@ from fetcher._scrapy_private import (
     tunneling_agent,
 )
 from fetcher.addon import DEFAULTS
+from fetcher.exceptions import StartupError
+from fetcher.ratelimit import TokenBucket, parse_rate
 from fetcher.redact import host_of, safe_url
 from fetcher.writer import BodyError, FileTooLarge
 
@@ -153,7 +165,11 @@ class _TransferLimits:
     downloader starts every request queued in one loop iteration, whatever
     CONCURRENT_REQUESTS_PER_DOMAIN says. Streamed transfers are bounded here
     instead: first by downloader slot, so that one waiting behind its host holds
-    no global slot, then in all."""
+    no global slot, then in all.
+
+    The bandwidth caps live here too: one token bucket for the crawl
+    (FETCHER_MAX_RATE) and one per downloader slot (FETCHER_MAX_RATE_PER_HOST),
+    none when unset. A bad value is *error*, and the crawl does not start."""
 
     _by_crawler: weakref.WeakKeyDictionary[Crawler, _TransferLimits] = weakref.WeakKeyDictionary()
 
@@ -163,11 +179,26 @@ class _TransferLimits:
             "CONCURRENT_REQUESTS_PER_DOMAIN")
         self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self.error: StartupError | None = None
+        try:
+            rate = parse_rate("FETCHER_MAX_RATE", settings.get("FETCHER_MAX_RATE", DEFAULTS["FETCHER_MAX_RATE"]))
+            self._host_rate = parse_rate("FETCHER_MAX_RATE_PER_HOST", settings.get(
+                "FETCHER_MAX_RATE_PER_HOST", DEFAULTS["FETCHER_MAX_RATE_PER_HOST"]))
+        except ValueError as exc:
+            self.error = StartupError(str(exc))
+            rate = self._host_rate = 0.0
+        self._rate_total = TokenBucket(rate, now=monotonic()) if rate else None
+        self._rate_slots: dict[str, TokenBucket] = {}
 
     @classmethod
     def of(cls, crawler: Crawler) -> _TransferLimits:
         if crawler not in cls._by_crawler:
-            cls._by_crawler[crawler] = cls(crawler.settings)
+            limits = cls._by_crawler[crawler] = cls(crawler.settings)
+            if limits.error is not None:
+                # Scrapy keeps a download handler that raises as "not configured" and runs on,
+                # failing every file: instead the crawl is closed before its first request.
+                logger.error("Cannot start: %s", limits.error)
+                crawler.signals.connect(_refuse_to_open, signal=signals.spider_opened, weak=False)
         return cls._by_crawler[crawler]
 
     def host(self, request: Request, downloader: Downloader) -> asyncio.Semaphore:
@@ -179,6 +210,23 @@ class _TransferLimits:
             size = self._slot_settings.get(key, {}).get("concurrency", self._per_slot)
             self._slots[key] = asyncio.Semaphore(max(1, int(size)))
         return self._slots[key]
+
+    def buckets(self, request: Request, downloader: Downloader) -> tuple[TokenBucket, ...] | None:
+        """The bandwidth caps a transfer is charged to (the crawl's, its slot's); None when
+        there are none."""
+        if self._host_rate:
+            key = downloader.get_slot_key(request)
+            host = self._rate_slots.get(key)
+            if host is None:
+                host = self._rate_slots[key] = TokenBucket(self._host_rate, now=monotonic())
+            return (host,) if self._rate_total is None else (self._rate_total, host)
+        return None if self._rate_total is None else (self._rate_total,)
+
+
+def _refuse_to_open(spider: object) -> None:
+    """spider_opened while a transfer setting is bad: close the crawl before it starts
+    (the reason was logged when the handler was made)."""
+    raise CloseSpider("bad_settings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +282,14 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         assert engine is not None  # requests reach handlers through the engine's downloader
         stats = self.crawler.stats
         assert stats is not None
+        if self._limits.error is not None:  # the crawl is being refused: never fetch past a bad cap
+            raise self._limits.error
+        buckets = self._limits.buckets(request, engine.downloader)
         # The slot's limit first: a request waiting behind its host holds no global slot.
         async with self._limits.host(request, engine.downloader), self._limits.total:
             stats.inc_value("fetcher/active")
             try:
-                return await self._stream(request, sink, stats)
+                return await self._stream(request, sink, stats, buckets)
             except (BodyError, DownloadTimeoutError, StopDownload):
                 raise
             except Exception as exc:
@@ -258,7 +309,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         if call.active():
             call.cancel()
 
-    async def _stream(self, request: Request, sink: Sink, stats: StatsCollector) -> Response:
+    async def _stream(self, request: Request, sink: Sink, stats: StatsCollector,
+                      buckets: tuple[TokenBucket, ...] | None) -> Response:
         meta = request.meta
         # Never into HTTPCACHE: a streamed body is not in the Response, and a cached error
         # page would answer every retry. (HttpCacheMiddleware.process_response reads this.)
@@ -327,6 +379,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             reader = _BodyReader(
                 finished, sink if streaming else None, request, rules, warned=warned, reactor=self._reactor,
                 stats=stats, send=lambda data: self._send(signals.bytes_received, request, data=data),
+                buckets=buckets,
             )
             txresponse.deliverBody(reader)
             max_call = (
@@ -415,7 +468,8 @@ class _Discard(Protocol):
 
 class _BodyReader(Protocol):
     """Feeds body chunks to the sink (or keeps a bounded error body), sends
-    bytes_received, and watches for stalls and the size cap.
+    bytes_received, watches for stalls and the size cap, and keeps to the
+    bandwidth caps by pausing its transport.
 
     Fires *finished* with how the body ended, or errs with why it was cut."""
 
@@ -430,6 +484,7 @@ class _BodyReader(Protocol):
         reactor: Any,
         stats: StatsCollector,
         send: Callable[[bytes], StopDownload | None],
+        buckets: tuple[TokenBucket, ...] | None = None,
     ) -> None:
         self._finished = finished
         self._sink = sink
@@ -443,6 +498,9 @@ class _BodyReader(Protocol):
         self._stall_call: DelayedCall | None = (
             reactor.callLater(rules.stall_timeout, self._stalled) if rules.stall_timeout else None
         )
+        self._reactor = reactor
+        self._buckets = buckets  # the bandwidth caps; None: none, and nothing to do per chunk
+        self._resume_call: DelayedCall | None = None  # while paused for a cap
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished.called:
@@ -474,6 +532,38 @@ class _BodyReader(Protocol):
         elif len(self._buffer) >= _ERROR_BODY_LIMIT:  # the rest of an error page is not worth reading
             self._end()
             self.stop()
+        elif self._buckets is not None:
+            self._pace(len(data))
+
+    def _pace(self, n: int) -> None:
+        """Charge *n* received bytes to every cap; over one, stop reading the socket
+        until its debt is paid (the bytes wait in the kernel, then TCP slows the sender)."""
+        now = monotonic()
+        wait = 0.0
+        for bucket in cast("tuple[TokenBucket, ...]", self._buckets):
+            wait = max(wait, bucket.take(n, now))
+        if not wait:
+            return
+        assert self.transport is not None
+        # Every time, not only when the pause begins: Twisted resumes the transport itself
+        # after replaying the chunks that arrived before the body had a reader.
+        self.transport.pauseProducing()
+        call = self._resume_call
+        if call is None:
+            self._resume_call = self._reactor.callLater(wait, self._resume)
+        elif call.getTime() - self._reactor.seconds() < wait:  # more chunks of the same read
+            call.reset(wait)
+        if self._stall_call is not None:  # our own pause is no stall
+            self._stall_call.reset(wait + self._rules.stall_timeout)
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        if self._finished.called:
+            return
+        if self._stall_call is not None:  # silence counts from now
+            self._stall_call.reset(self._rules.stall_timeout)
+        assert self.transport is not None
+        self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone):
@@ -488,23 +578,28 @@ class _BodyReader(Protocol):
 
     def fail(self, exc: Exception) -> None:
         """End the transfer now with *exc* (stall, size cap, disk error)."""
-        if self._cancel_stall_timer():
+        if self._cancel_timers():
             self._finished.errback(exc)
             self.stop()
 
     def _end(self, *, unverified: bool = False, dataloss: bool = False, stopped: StopDownload | None = None) -> None:
-        if self._cancel_stall_timer():
+        if self._cancel_timers():
             self._finished.callback(_Ended(bytes(self._buffer), unverified, dataloss, stopped))
 
-    def _cancel_stall_timer(self) -> bool:
-        """Stop watching for stalls; False when the transfer had ended already."""
+    def _cancel_timers(self) -> bool:
+        """Stop watching for stalls and drop a pending resume; False when the transfer
+        had ended already."""
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
+        if self._resume_call is not None:
+            if self._resume_call.active():
+                self._resume_call.cancel()
+            self._resume_call = None
         return not self._finished.called
 
     def stop(self) -> None:
         """Stop receiving: the transfer is over (ended, failed or cancelled)."""
-        self._cancel_stall_timer()
+        self._cancel_timers()
         if self.transport is not None:
             self.transport.stopProducing()
 
