@@ -23,9 +23,9 @@ Workloads (files are random bytes; nginx serves them from a tmpfs mounted for th
   C  1 x 3 GiB                      nginx (stock fails by design: Scrapy's 1 GiB DOWNLOAD_MAXSIZE)
   D  2,000 x 64 KiB, 50 ms delay    the Python test origin (tests.origin.Origin, ?delay=0.05), own process
   E  empty list                     start-up and shut-down only
-  F  1 x 512 MiB at 20 MiB/s per connection   nginx `limit_rate 20m`; fetcher has no segmented
-     download yet (split= is a future feature): it runs as is, aria2c with 8 segments is the target;
-     by default only fetcher, stock and aria2c run F (curl and wget2 on one connection take 25.6 s
+  F  1 x 512 MiB at 20 MiB/s per connection   nginx `limit_rate 20m`; fetcher with FETCHER_SPLIT=8
+     (8 ranges at once, 20 MiB minimum each, as aria2c -s 8 -x 8 -k 20M), fetcher-1 (one connection,
+     the baseline), stock and aria2c run F by default (curl and wget2 on one connection take 25.6 s
      by construction; --tools naming them runs them)
 
 Each workload runs its rounds one after the other, and each round runs every tool
@@ -83,7 +83,8 @@ from bench.machine import (
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 OUT = ROOT / "bench" / "out"
-TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2")
+TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1")
+PEERS = TOOLS[:5]  # what runs by default; fetcher-1 (one connection per file) is F's baseline
 STATE_NAMES = {"manifest.jsonl", "failed.txt"}  # fetcher's records in FILES_STORE: not downloads
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 EMPTY_LIST_EXIT = {"curl": 2}  # curl answers an empty config with "no URL specified!": its way of being done
@@ -112,7 +113,7 @@ class Workload:
     size: int
     server: str  # "nginx" or "origin"
     rounds: int
-    tools: tuple[str, ...] = TOOLS  # run by default (--tools runs the ones it names on every workload)
+    tools: tuple[str, ...] = PEERS  # run by default (--tools runs the ones it names on every workload)
 
     @property
     def total(self) -> int:
@@ -131,7 +132,7 @@ WORKLOADS = {
     # curl and wget2 (as run here) fetch on one connection: 512 MiB / 20 MiB/s = 25.6 s by construction,
     # 2.6 minutes of a default run that say nothing new. --tools fetcher,stock,aria2c,curl,wget2 runs them.
     "F": Workload("F", "1 x 512 MiB at 20 MiB/s per connection", 1, 512 * MIB, "nginx", 3,
-                  ("fetcher", "stock", "aria2c")),
+                  ("fetcher", "fetcher-1", "stock", "aria2c")),
 }
 
 
@@ -312,11 +313,13 @@ def command(tool: str, w: Workload, setup: Setup, binaries: dict[str, str]) -> t
     lst, dl = str(setup.lists[w.key]), str(setup.dl)
     base_env = {k: v for k, v in os.environ.items() if k not in ("SCRAPY_SETTINGS_MODULE", "SCRAPY_PROJECT")}
     concurrency = ["-s", "CONCURRENT_REQUESTS=64", "-s", "CONCURRENT_REQUESTS_PER_DOMAIN=64"]
-    if tool == "fetcher":
+    if tool in ("fetcher", "fetcher-1"):
         env = {**base_env, "SCRAPY_SETTINGS_MODULE": "fetcher.settings",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        # F: 8 ranges at once, as aria2c's -s 8 -x 8 -k 20M (fetcher-1: one connection, the baseline).
+        split = ["-s", "FETCHER_SPLIT=8"] if w.key == "F" and tool == "fetcher" else []
         return [SCRAPY, "crawl", "fetch", "-a", f"list={lst}", *concurrency, "-s", "FETCHER_PROGRESS=off",
-                "-s", f"FILES_STORE={dl}"], env
+                "-s", f"FILES_STORE={dl}", *split], env
     if tool == "stock":  # run from the work folder: no scrapy.cfg, no project settings
         return [SCRAPY, "runspider", str(ROOT / "bench" / "stock_spider.py"), "-a", f"list={lst}", *concurrency,
                 "-s", f"FILES_STORE={dl}", "-s", "LOG_LEVEL=INFO", "-s", "TELNETCONSOLE_ENABLED=False",

@@ -9,10 +9,12 @@ that a rerun of it still works.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 HIDDEN = "***"
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_URL_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s]+")
+_SECRET_OPTION = re.compile(r"(?i)(header\s*=\s*(?:authorization|proxy-authorization|cookie)\s*:).*")
 
 
 def safe_url(url: str) -> str:
@@ -49,6 +51,7 @@ def safe_text(text: str, *urls: str) -> str:
     return text
 
 
-def safe_header(name: str, value: str) -> str:
-    """A header's value for messages: credentials hidden."""
-    return HIDDEN if name.strip().lower() in SECRET_HEADERS else value
+def safe_line(text: str) -> str:
+    """A list line for messages (a bad line's report): URL credentials and the
+    values of ``header=Authorization:``-like options hidden."""
+    return _SECRET_OPTION.sub(rf"\1 {HIDDEN}", _URL_TOKEN.sub(lambda m: safe_url(m.group()), text))

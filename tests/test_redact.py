@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import stat
 
-from fetcher.redact import host_of, safe_header, safe_text, safe_url
+from fetcher.redact import host_of, safe_line, safe_text, safe_url
 from tests.conftest import Fetch
 from tests.origin import Origin
 
@@ -20,7 +20,9 @@ def test_the_formatter() -> None:
     assert host_of("not a url") == "(no host)"
     text = "connection to alice:s3cret@127.0.0.1:9 failed for http://alice:s3cret@127.0.0.1:9/x"
     assert "s3cret" not in safe_text(text, "http://alice:s3cret@127.0.0.1:9/x")
-    assert safe_header("Authorization", "Bearer abc") == "***" and safe_header("Accept", "*/*") == "*/*"
+    assert safe_line("http://a:b@h/x sha256=zz") == "http://***@h/x sha256=zz"
+    assert safe_line("  header=authorization: Bearer abc") == "  header=authorization: ***"
+    assert safe_line("  header=Accept: */*") == "  header=Accept: */*"
 
 
 def _refusing_port() -> int:
@@ -32,7 +34,8 @@ def _refusing_port() -> int:
 def test_no_password_in_any_output(fetch: Fetch, origin: Origin) -> None:
     dead = f"http://alice:s3cret@127.0.0.1:{_refusing_port()}/x.bin"
     missing = f"http://bob:hunter2@127.0.0.1:{origin.port}/status/404"
-    run = fetch(f"{dead}\n{missing}\n  header=Authorization: Bearer t0ken\n",
+    bad = f"http://carol:pw0rd@127.0.0.1:{origin.port}/x.bin sha256=not-hex"  # a bad line, reported
+    run = fetch(f"{dead}\n{missing}\n  header=Authorization: Bearer t0ken\n{bad}\n",
                 settings={"RETRY_TIMES": 0, "LOG_LEVEL": "DEBUG"})
     assert run.returncode == 1
     outputs = {
@@ -42,7 +45,7 @@ def test_no_password_in_any_output(fetch: Fetch, origin: Origin) -> None:
                                        if line.startswith("#")),
     }
     for where, text in outputs.items():
-        for secret in ("s3cret", "hunter2", "t0ken"):
+        for secret in ("s3cret", "hunter2", "t0ken", "pw0rd"):
             assert secret not in text, f"{secret} in the {where}"
     assert "connection refused by 127.0.0.1" in outputs["manifest"]
     assert "http://***@127.0.0.1" in outputs["manifest"]

@@ -40,7 +40,7 @@ from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.naming import safe_relpath
 from fetcher.pipelines import StreamingFilesPipeline
 from fetcher.queue import Delivery, QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
-from fetcher.redact import safe_url
+from fetcher.redact import safe_line, safe_url
 from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_inline, parse_lines, text_lines
 from fetcher.writer import HashingWriter
 
@@ -195,11 +195,12 @@ class FetchSpider(Spider):
                 logger.warning("%s: %s (said once per run)", w.where, w.message)
 
     def _bad_line(self, bad: BadLine) -> None:
-        logger.error("%s: %s: %s", bad.where, bad.reason, bad.text)
+        shown = safe_line(bad.text)
+        logger.error("%s: %s: %s", bad.where, bad.reason, shown)
         entry = Entry(bad.url or bad.text, bad.line)
         self.crawler.signals.send_catch_log(
             fetcher_signals.file_finished,
-            record=FileRecord(entry, "failed", error=f"{bad.where}: {bad.reason}: {bad.text}", reason=BAD_LINE),
+            record=FileRecord(entry, "failed", error=f"{bad.where}: {bad.reason}: {shown}", reason=BAD_LINE),
         )
         if self._queue is not None:
             self._queue.finished(entry.url)
