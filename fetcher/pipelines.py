@@ -262,15 +262,12 @@ class StreamingFilesPipeline(FilesPipeline):
     # -- stock FilesPipeline hooks
 
     def get_media_requests(self, item: Any, info: MediaPipeline.SpiderInfo) -> list[Request]:
-        adapter = ItemAdapter(item)
-        entries: list[Entry] = list(adapter.get("fetcher_entries") or [])
-        by_url = {e.url: e for e in entries}
-        requests = []
-        for r in super().get_media_requests(item, info):
-            entry = by_url.get(r.url, Entry(r.url, 0))
-            requests.append(Request(r.url, callback=NO_CALLBACK, headers=_entry_headers(entry),
-                                    meta={ENTRY_META: entry}))
-        return requests
+        """Stock's requests for FILES_URLS_FIELD, each with its list entry (``out=``,
+        checksum, headers) when the item carries ``fetcher_entries``."""
+        if isinstance(item, FetchItem) and self.files_urls_field == "file_urls":  # the fetch spider's: built once
+            return [_entry_request(e) for e in item.fetcher_entries]
+        by_url = {e.url: e for e in ItemAdapter(item).get("fetcher_entries") or ()}
+        return [_entry_request(by_url.get(r.url, Entry(r.url, 0))) for r in super().get_media_requests(item, info)]
 
     def file_path(
         self,
@@ -991,6 +988,10 @@ def _differences(st: os.stat_result, prior: StoredRecord) -> str:
     if st.st_mtime_ns != prior.mtime_ns:
         found.append("another modification time")
     return ", ".join(found)
+
+
+def _entry_request(entry: Entry) -> Request:
+    return Request(entry.url, callback=NO_CALLBACK, headers=_entry_headers(entry), meta={ENTRY_META: entry})
 
 
 def _entry_headers(entry: Entry) -> dict[str, str]:
