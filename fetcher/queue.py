@@ -68,12 +68,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
+if TYPE_CHECKING:
+    import redis
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +109,15 @@ class QueueStatus:
     done: int  # URLs whose current record is not failed
     failed: int  # URLs whose current record failed (dead ones included)
     dead: int  # URLs dead-lettered
+
+
+def _redis() -> Any:
+    """redis-py, imported on first use: a run that uses no queue does not load it."""
+    import redis  # noqa: PLC0415
+    import redis.backoff  # noqa: PLC0415
+    import redis.retry  # noqa: PLC0415
+
+    return redis
 
 
 def is_queue_url(value: str) -> bool:
@@ -327,14 +335,14 @@ class RedisQueue:
         self.socket_timeout = socket_timeout
         self._password: str | None = kwargs.get("password")
         self._where = f"{kwargs['host']}:{kwargs['port']}/{kwargs['db']} (queue {self.name!r})"
-        self._redis = redis.Redis(
+        self._redis = _redis().Redis(
             **kwargs,
             socket_timeout=socket_timeout,
             socket_connect_timeout=min(socket_timeout, 5.0),
             decode_responses=True,
             protocol=2,
             # A blip is retried twice at once; longer outages are the caller's to handle.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 2),
+            retry=_redis().retry.Retry(_redis().backoff.ExponentialBackoff(cap=0.5, base=0.1), 2),
         )
         prefix = f"fetcher:{{{self.name}}}:"
         self._stream = prefix + "stream"
@@ -364,7 +372,7 @@ class RedisQueue:
     def _fail(self, exc: redis.RedisError) -> NoReturn:
         text = str(exc)
         upper = text.upper()
-        if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in upper or "INVALID PASSWORD" in upper:
+        if isinstance(exc, _redis().AuthenticationError) or "WRONGPASS" in upper or "INVALID PASSWORD" in upper:
             if "REQUIRED" in upper or "NOAUTH" in upper:
                 message = (f"Redis at {self._where} requires a password: "
                            "give it in the queue URL, redis://:PASSWORD@host:port/db")
@@ -377,9 +385,9 @@ class RedisQueue:
                        "give it in the queue URL, redis://:PASSWORD@host:port/db")
         elif "NOPERM" in upper:
             message = f"the Redis user of the queue URL may not use the queue at {self._where}: {text}"
-        elif isinstance(exc, redis.TimeoutError):
+        elif isinstance(exc, _redis().TimeoutError):
             message = f"Redis at {self._where} did not answer within {self.socket_timeout:g} s: {text}"
-        elif isinstance(exc, redis.ConnectionError):
+        elif isinstance(exc, _redis().ConnectionError):
             message = f"cannot reach Redis at {self._where}: {text}"
         elif "UNKNOWN COMMAND" in upper or "UNKNOWN SUBCOMMAND" in upper:
             message = f"Redis at {self._where} is too old for the queue (7.0 or later needed): {text}"
@@ -392,8 +400,8 @@ class RedisQueue:
     def _call(self, fn: Callable[[], _T]) -> _T:
         try:
             result = fn()
-        except redis.RedisError as exc:
-            self._unreachable = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+        except _redis().RedisError as exc:
+            self._unreachable = isinstance(exc, _redis().ConnectionError | _redis().TimeoutError)
             self._fail(exc)
         self._unreachable = False
         return result
@@ -413,7 +421,7 @@ class RedisQueue:
             try:
                 # From id 0: entries enqueued before the group existed are delivered too.
                 self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
+            except _redis().ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
@@ -654,7 +662,7 @@ class RedisQueue:
                 item = next(scan)
             except StopIteration:
                 return
-            except redis.RedisError as exc:
+            except _redis().RedisError as exc:
                 self._fail(exc)
             yield json.loads(item[1])
 
