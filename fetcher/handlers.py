@@ -180,10 +180,16 @@ class _TransferLimits:
         self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
         self._slots: dict[str, asyncio.Semaphore] = {}
         self.error: StartupError | None = None
+        # Unset, the stall timeout is DOWNLOAD_TIMEOUT, as wget's --timeout covers reads too.
+        self.stall_timeout = self.max_time = 0.0
         try:
             rate = parse_rate("FETCHER_MAX_RATE", settings.get("FETCHER_MAX_RATE", DEFAULTS["FETCHER_MAX_RATE"]))
             self._host_rate = parse_rate("FETCHER_MAX_RATE_PER_HOST", settings.get(
                 "FETCHER_MAX_RATE_PER_HOST", DEFAULTS["FETCHER_MAX_RATE_PER_HOST"]))
+            stall = settings.get("FETCHER_STALL_TIMEOUT", DEFAULTS["FETCHER_STALL_TIMEOUT"])
+            self.stall_timeout = settings.getfloat("DOWNLOAD_TIMEOUT") if stall in (None, "") else _seconds(
+                "FETCHER_STALL_TIMEOUT", stall)
+            self.max_time = _seconds("FETCHER_MAX_TIME", settings.get("FETCHER_MAX_TIME", DEFAULTS["FETCHER_MAX_TIME"]))
         except ValueError as exc:
             self.error = StartupError(str(exc))
             rate = self._host_rate = 0.0
@@ -221,6 +227,17 @@ class _TransferLimits:
                 host = self._rate_slots[key] = TokenBucket(self._host_rate, now=monotonic())
             return (host,) if self._rate_total is None else (self._rate_total, host)
         return None if self._rate_total is None else (self._rate_total,)
+
+
+def _seconds(name: str, value: object) -> float:
+    """A duration setting: a number of seconds, 0 or more."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"{name} must be a number of seconds (0 or more), not {value!r}")
+    return seconds
 
 
 def _refuse_to_open(spider: object) -> None:
@@ -268,11 +285,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._bind_address = settings.get("DOWNLOAD_BIND_ADDRESS")
         self._fail_on_dataloss = settings.getbool("DOWNLOAD_FAIL_ON_DATALOSS")
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
-        # Unset: DOWNLOAD_TIMEOUT, as wget's --timeout covers reads too.
-        stall = settings.get("FETCHER_STALL_TIMEOUT", DEFAULTS["FETCHER_STALL_TIMEOUT"])
-        self._stall_timeout = self._timeout if stall in (None, "") else float(stall)
-        self._max_time = settings.getfloat("FETCHER_MAX_TIME", DEFAULTS["FETCHER_MAX_TIME"])
-        self._limits = _TransferLimits.of(crawler)
+        self._limits = _TransferLimits.of(crawler)  # and the transfer settings, checked once
+        self._stall_timeout, self._max_time = self._limits.stall_timeout, self._limits.max_time
 
     async def download_request(self, request: Request) -> Response:
         sink: Sink | None = request.meta.get(SINK_META)

@@ -215,9 +215,10 @@ def test_a_transfer_ended_while_paused(fetch: Fetch, origin: Origin) -> None:
     assert origin.stats.bytes_by_path["/gen/64m/slowpoke.bin"] < 32 * MiB  # closed, not drained
 
 
-@pytest.mark.parametrize("setting", [{"FETCHER_MAX_RATE": "fast"}, {"FETCHER_MAX_RATE_PER_HOST": "-1"}],
-                         ids=["not a number", "negative"])
-def test_a_bad_cap_stops_the_run(fetch: Fetch, origin: Origin, setting: dict[str, str]) -> None:
+@pytest.mark.parametrize("setting", [{"FETCHER_MAX_RATE": "fast"}, {"FETCHER_MAX_RATE_PER_HOST": "-1"},
+                                     {"FETCHER_STALL_TIMEOUT": "abc"}, {"FETCHER_MAX_TIME": "-2"}],
+                         ids=["not a number", "negative", "bad stall timeout", "negative max time"])
+def test_a_bad_transfer_setting_stops_the_run(fetch: Fetch, origin: Origin, setting: dict[str, str]) -> None:
     run = fetch(f"{origin.url}/gen/1k/never-capped.bin\n", settings=setting)
     assert run.returncode != 0
     assert re.search(r"ERROR: Cannot start: " + re.escape(next(iter(setting))), run.log), run.log[-3000:]
