@@ -322,8 +322,7 @@ class StreamingFilesPipeline(FilesPipeline):
             request.meta[ENTRY_META] = Entry(request.url, 0)
         try:
             if (found := await ensure_awaitable(self.media_to_download(request, info, item=item))) is not None:
-                self.inc_stats(found.get("status", "uptodate"))
-                return True, found
+                return True, found  # the subclass decided, as in stock: no download, no record
             record = await self._fetch_once(request, item)
             if isinstance(item, FetchItem):  # the fetch spider's item: one URL, and its record
                 item.record = self._stored(record).manifest()
