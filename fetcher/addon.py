@@ -115,6 +115,7 @@ class Addon:
         a subclass of fetcher's already has it; a subclass of stock's is left alone
         (it would buffer bodies) with a warning, rather than downloading twice."""
         from scrapy.pipelines.files import FilesPipeline  # noqa: PLC0415
+        from scrapy.pipelines.images import ImagesPipeline  # noqa: PLC0415
 
         pipelines = settings.getdict("ITEM_PIPELINES")
         enabled = [load_object(p) for p, order in pipelines.items() if order is not None]
@@ -123,7 +124,8 @@ class Addon:
         if FilesPipeline in enabled:
             settings.replace_in_component_priority_dict("ITEM_PIPELINES", FilesPipeline, ours)
             return
-        stock = [c for c in enabled if isinstance(c, type) and issubclass(c, FilesPipeline)]
+        stock = [c for c in enabled if isinstance(c, type) and issubclass(c, FilesPipeline)
+                 and not issubclass(c, ImagesPipeline)]  # images (image_urls) are another pipeline's work
         if stock:
             logger.warning(
                 "fetcher: %s subclasses scrapy.pipelines.files.FilesPipeline, so its files are held in memory; "

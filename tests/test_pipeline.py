@@ -71,6 +71,11 @@ class StockSubclass(StockFilesPipeline):
     pass
 
 
+def test_addon_adds_its_pipeline_beside_images_pipeline() -> None:
+    settings = apply_addon({"ITEM_PIPELINES": {"scrapy.pipelines.images.ImagesPipeline": 1}})
+    assert classes(settings, "ITEM_PIPELINES") == {ImagesPipeline: 1, StreamingFilesPipeline: 1}
+
+
 def test_addon_keeps_a_subclass_of_its_pipeline(caplog: pytest.LogCaptureFixture) -> None:
     settings = apply_addon({"ITEM_PIPELINES": {Subclass: 300}, "COMMANDS_MODULE": "fetcher.commands"})
     assert classes(settings, "ITEM_PIPELINES") == {Subclass: 300}
