@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         sys.exit(0 if args else 2)
-    if not args[0].startswith("-"):
+    if args[0] == "-" or not args[0].startswith("-"):  # a list ("-": standard input), then crawl's options
         args = ["-a", f"list={args[0]}", *args[1:]]
     os.environ["SCRAPY_SETTINGS_MODULE"] = "fetcher.settings"
     os.environ.pop("SCRAPY_PROJECT", None)

@@ -41,6 +41,15 @@ def test_fetcher_runs_a_list_from_any_folder_and_says_how_to_rerun(origin: Origi
     assert sorted(r["status"] for r in records) == ["downloaded", "failed"]
 
 
+def test_a_list_on_standard_input(origin: Origin, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRAPY_") and k != "PYTHONPATH"}
+    proc = subprocess.run([FETCHER, "-"], input=f"{origin.url}/gen/2k/stdin-cli.bin\n", cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / f"downloads/127.0.0.1:{origin.port}/gen/2k/stdin-cli.bin").read_bytes() == content_bytes(
+        "stdin-cli.bin", 2048)
+
+
 def test_usage(tmp_path: Path) -> None:
     proc = subprocess.run([FETCHER], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "usage: fetcher LIST" in proc.stderr
