@@ -95,10 +95,10 @@ class StreamingFilesPipeline(FilesPipeline):
     """FilesPipeline whose bodies go socket → hashing writer → ``<path>.part`` → ``<path>``.
 
     Needs :class:`fetcher.handlers.StreamingDownloadHandler` for http/https,
-    and a FILES_STORE that is a local folder, ``s3://``, ``gs://`` or ``ftp://``. Settings: see
-    ``fetcher/settings.py`` (``FETCHER_*``) and RETRY_TIMES / RETRY_HTTP_CODES /
-    RETRY_EXCEPTIONS, which it applies itself. A pipeline that cannot work stops
-    the run (StartupError) rather than being disabled.
+    and a FILES_STORE that is a local folder, ``s3://``, ``gs://`` or ``ftp://`` (the add-on,
+    fetcher.Addon, sets both up). Settings: ``FETCHER_*`` (defaults in fetcher/addon.py), stock's
+    FILES_* and MEDIA_ALLOW_REDIRECTS, and RETRY_* through fetcher/retry.py. A pipeline that
+    cannot work stops the run (StartupError) rather than being disabled.
     """
 
     LOG_FAILED_RESULTS = False  # one readable line per failure is logged instead
