@@ -1,15 +1,19 @@
-"""What the benchmarks share about the machine: tmpfs mounts, processes and
-their CPU time, how busy the machine is, and running in a session of its own."""
+"""What the benchmarks share about the machine: their nginx, free ports, tmpfs
+mounts, processes and their CPU time, how busy the machine is, and running in a
+session of its own."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc's CPU times are in these
 #: The benchmarks' own nginx: one worker, loopback only, no logs; ``extra`` adds server lines.
 NGINX_CONF = """\
@@ -35,6 +39,41 @@ http {{
     }}
 }}
 """
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> bool:  # type: ignore[type-arg]
+    """Whether *proc* listens on 127.0.0.1:*port* within 10 s (False once it has exited)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def start_nginx(binary: str, work: Path, www: Path, extra: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """The benchmarks' nginx (NGINX_CONF, *extra* server lines) serving *www* on a free port."""
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (work / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
+    for _attempt in range(3):  # the free port may be taken before nginx binds it
+        port = free_port()
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(extra=extra, work=work, www=www, port=port))
+        proc = subprocess.Popen([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if wait_listening(port, proc):
+            return proc, port
+        stop(proc)
+    log = work / "nginx-error.log"
+    raise SystemExit(f"nginx did not start: {log.read_text()[-2000:] if log.exists() else ''}")
 
 
 def mount_tmpfs(path: Path, size_mb: int) -> None:

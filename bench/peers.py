@@ -56,7 +56,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.machine import (
-    NGINX_CONF,
+    ROOT,
+    SCRAPY,
     TICKS,
     background_load,
     cpu_seconds,
@@ -76,17 +76,17 @@ from bench.machine import (
     mount_tmpfs,
     process_tree,
     spawn,
+    start_nginx,
     stop,
     unmount,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 OUT = ROOT / "bench" / "out"
 TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1")
 PEERS = TOOLS[:5]  # what runs by default; fetcher-1 (one connection per file) is F's baseline
 STATE_NAMES = {"manifest.jsonl", "failed.txt"}  # fetcher's records in FILES_STORE: not downloads
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
+SLOW_LOCATION = "\n        location /slow/ { limit_rate 20m; }"  # F: a per-connection cap, as a CDN's
 EMPTY_LIST_EXIT = {"curl": 2}  # curl answers an empty config with "no URL specified!": its way of being done
 RUN_TIMEOUT = 600.0  # seconds; a run still going then is killed and counted as failed
 
@@ -222,28 +222,6 @@ def pyplot():  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------- servers and files
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_nginx(binary: str, work: Path, www: Path) -> tuple[subprocess.Popen[bytes], int]:
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (work / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
-    for _attempt in range(3):  # the free port may be taken before nginx binds it
-        port = free_port()
-        conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(extra="\n        location /slow/ { limit_rate 20m; }", work=work, www=www, port=port))
-        proc = subprocess.Popen([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if wait_listening(port, proc):
-            return proc, port
-        stop(proc)
-    log = work / "nginx-error.log"
-    raise SystemExit(f"nginx did not start: {log.read_text()[-2000:] if log.exists() else ''}")
-
-
 def start_origin(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-c", ORIGIN_SCRIPT], cwd=ROOT, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -253,17 +231,6 @@ def start_origin(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
         stop(proc)
         raise SystemExit("the test origin did not start")
     return proc, url
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def write_big(path: Path, size: int) -> str:
@@ -588,7 +555,7 @@ def main() -> None:
     try:
         mount_tmpfs(www, www_mb)
         mount_tmpfs(dl, dl_mb)
-        nginx, port = start_nginx(binaries["nginx"], work, www)
+        nginx, port = start_nginx(binaries["nginx"], work, www, extra=SLOW_LOCATION)
         base = f"http://127.0.0.1:{port}"
         if any(w.server == "origin" for w in workloads):
             origin, origin_url = start_origin(env)

@@ -24,15 +24,12 @@ import os
 import pty
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import ROOT, SCRAPY
 from tests.origin import Origin
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 
 STOCK_SPIDER = """
 import scrapy

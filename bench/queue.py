@@ -44,10 +44,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,7 +53,8 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.machine import (
-    NGINX_CONF,
+    ROOT,
+    SCRAPY,
     background_load,
     cpu_seconds,
     isolate,
@@ -63,13 +62,12 @@ from bench.machine import (
     mount_tmpfs,
     process_tree,
     spawn,
+    start_nginx,
     stop,
     unmount,
 )
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRAPY = str(Path(sys.executable).with_name("scrapy"))
 OUT = ROOT / "bench" / "out" / "queue.md"
 
 
@@ -105,28 +103,6 @@ def nginx_binary() -> str:
     else:
         raise SystemExit("could not install nginx (apt-get install -y nginx-light, or nginx)")
     return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def start_nginx(work: Path, www: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = nginx_binary()
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (work / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
-    for _attempt in range(3):  # the free port may be taken before nginx binds it
-        port = free_port()
-        conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(extra="", work=work, www=www, port=port))
-        proc = subprocess.Popen([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return proc, port
-            except OSError:
-                time.sleep(0.05)
-        stop(proc)
-    log = work / "nginx-error.log"
-    raise SystemExit(f"nginx did not start: {log.read_text()[-2000:] if log.exists() else ''}")
 
 
 def parse_time(stamp: str) -> float:
@@ -253,7 +229,7 @@ def main() -> None:
             data = os.urandom(args.size)
             (www / f"f{i}.bin").write_bytes(data)
             expected[f"f{i}.bin"] = hashlib.sha256(data).hexdigest()
-        nginx, port = start_nginx(work, www)
+        nginx, port = start_nginx(nginx_binary(), work, www)
         redis_server = RedisServer(work / "redis")
         (work / "urls.txt").write_text("".join(f"http://127.0.0.1:{port}/f{i}.bin\n" for i in range(args.files)))
         env = {**os.environ, "SCRAPY_SETTINGS_MODULE": "fetcher.settings",
