@@ -64,10 +64,10 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_QUEUE_MAX_DELIVERIES": 5,  # an entry delivered this often without an ack is dead-lettered
 }
 
-#: Components, as (setting, import path, order). The pipeline's order is used only
-#: when the project has no FilesPipeline to put it in place of.
+#: The pipeline's order when the project has no FilesPipeline to put it in place of.
+_PIPELINE_ORDER = 1
+#: The other components, as (setting, import path, order).
 _COMPONENTS = (
-    ("ITEM_PIPELINES", "fetcher.pipelines.StreamingFilesPipeline", 1),
     ("DOWNLOADER_MIDDLEWARES", "fetcher.middlewares.RedirectGuardMiddleware", 650),  # before RedirectMiddleware
     ("EXTENSIONS", "fetcher.extensions.Progress", 90),  # before the summary: its bar closes first
     ("EXTENSIONS", "fetcher.extensions.Summary", 110),
@@ -99,7 +99,7 @@ class Addon:
         from fetcher.pipelines import StreamingFilesPipeline  # noqa: PLC0415 - the pipeline imports this module
 
         self._place_pipeline(settings, StreamingFilesPipeline)
-        for name, path, order in _COMPONENTS[1:]:
+        for name, path, order in _COMPONENTS:
             settings.setdefault_in_component_priority_dict(name, load_object(path), order)
         handlers = settings.getdict("DOWNLOAD_HANDLERS")
         handlers.update({"http": _HANDLER, "https": _HANDLER})
@@ -132,4 +132,4 @@ class Addon:
                 "import its base class from fetcher instead (from fetcher import FilesPipeline) to stream them",
                 ", ".join(f"{c.__module__}.{c.__qualname__}" for c in stock))
             return
-        settings.setdefault_in_component_priority_dict("ITEM_PIPELINES", ours, _COMPONENTS[0][2])
+        settings.setdefault_in_component_priority_dict("ITEM_PIPELINES", ours, _PIPELINE_ORDER)
