@@ -808,9 +808,13 @@ class StreamingFilesPipeline(FilesPipeline):
                 response = await self._download(request, request.url, sink, extra)
                 verdict = self.retry.classify(Attempt(status=response.status, streamed=STREAMED_FLAG in response.flags,
                                                       flags=frozenset(response.flags), resumed=True))
-                if verdict.action is Action.DONE and segment.complete:
+                if verdict.action is not Action.DONE:
+                    outcome = _Outcome.of(verdict, response.status)
+                elif segment.complete:
                     return
-                outcome = _Outcome.of(verdict, response.status)
+                else:  # a short body taken as whole (DOWNLOAD_FAIL_ON_DATALOSS=False): the rest is still due
+                    outcome = _Outcome(f"the segment ended at byte {segment.next} of {segment.end}",
+                                       reason="length mismatch", retryable=True, http_status=response.status)
             except _Outcome as raised:
                 outcome = raised
             if not outcome.retryable or retries >= times:
