@@ -13,10 +13,14 @@ from tests.origin import Origin, content_bytes
 FETCHER = str(Path(sys.executable).with_name("fetcher"))
 
 
+def installed_env() -> dict[str, str]:
+    """The environment of a user who pip-installed fetcher: no project settings, no source path."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SCRAPY_") and k != "PYTHONPATH"}
+
+
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRAPY_") and k != "PYTHONPATH"}
     return subprocess.run([FETCHER, *args, "-s", "FETCHER_BACKOFF_BASE=0.05", "-s", "RETRY_TIMES=1"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, env=installed_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_fetcher_runs_a_list_from_any_folder_and_says_how_to_rerun(origin: Origin, tmp_path: Path) -> None:
@@ -42,9 +46,8 @@ def test_fetcher_runs_a_list_from_any_folder_and_says_how_to_rerun(origin: Origi
 
 
 def test_a_list_on_standard_input(origin: Origin, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRAPY_") and k != "PYTHONPATH"}
-    proc = subprocess.run([FETCHER, "-"], input=f"{origin.url}/gen/2k/stdin-cli.bin\n", cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([FETCHER, "-"], input=f"{origin.url}/gen/2k/stdin-cli.bin\n", cwd=tmp_path,
+                          env=installed_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / f"downloads/127.0.0.1:{origin.port}/gen/2k/stdin-cli.bin").read_bytes() == content_bytes(
         "stdin-cli.bin", 2048)
