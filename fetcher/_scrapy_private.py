@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy.core.downloader.contextfactory import _load_context_factory_from_settings
+from twisted.internet.defer import Deferred
 from scrapy.core.downloader.handlers.http11 import (
     _BindAddressAgent,
+    _LenientHTTP11ClientFactory,
     _ScrapyProxyAgent,
     _TunnelingAgent,
 )
@@ -46,7 +48,15 @@ def spider_closing(crawler: Crawler) -> bool:
     time to start no new transfer and to cut backoffs short."""
     engine = crawler.engine
     slot = engine._slot  # noqa: SLF001 - Scrapy has no public "is closing" for the spider
-    return not engine.running or (slot is not None and slot.closing is not None)
+    # The slot's closing is a Deferred once closing began (Scrapy types it Deferred | None).
+    return not engine.running or isinstance(getattr(slot, "closing", None), Deferred)
+
+
+def lenient_parsing(pool: HTTPConnectionPool) -> None:
+    """Parse responses on *pool*'s connections as stock HTTP11DownloadHandler does: a
+    header line without a colon is skipped (browsers do the same) instead of failing
+    the whole response. Stock sets the same private factory on its own pool."""
+    pool._factory = _LenientHTTP11ClientFactory  # noqa: SLF001
 
 
 # -- Twisted Agents for the three ways stock HTTP11DownloadHandler connects (its ScrapyAgent._get_agent).

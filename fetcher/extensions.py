@@ -19,7 +19,7 @@ from tqdm import tqdm
 from twisted.internet.task import LoopingCall
 
 from fetcher import signals as fetcher_signals
-from fetcher.addon import DEFAULTS
+from fetcher.config import Config
 from fetcher.redact import safe_url
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Summary:
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Summary:
+        Config.of(crawler)  # built before the engine: a bad FETCHER_* setting stops the run here
         return cls(crawler)
 
     def opened(self) -> None:
@@ -145,16 +146,13 @@ class Progress:
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Progress:
-        s = crawler.settings
-        mode = str(s.get("FETCHER_PROGRESS", DEFAULTS["FETCHER_PROGRESS"])).lower()
+        config = Config.of(crawler)
+        mode = config.progress
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() and s.get("LOG_FILE") is None else "log"
-        if mode in ("off", "false", "0", "none"):
+            mode = "bar" if sys.stderr.isatty() and crawler.settings.get("LOG_FILE") is None else "log"
+        if mode == "off":
             raise NotConfigured("FETCHER_PROGRESS is off")
-        if mode not in ("bar", "log"):
-            raise ValueError(f"FETCHER_PROGRESS must be auto, bar, log or off, not {mode!r}")
-        interval = s.getfloat("FETCHER_PROGRESS_INTERVAL", DEFAULTS["FETCHER_PROGRESS_INTERVAL"])
-        return cls(crawler, mode, interval)
+        return cls(crawler, mode, config.progress_interval)
 
     def opened(self) -> None:
         self.started = time.monotonic()

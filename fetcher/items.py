@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from fetcher.redact import host_of, safe_url
@@ -21,19 +21,43 @@ def run_key(text: str) -> int:
 
 @dataclass
 class FetchItem:
-    """One download: the stock ``file_urls``/``files`` fields, plus the list
-    entries (``out=``, checksum) the pipeline needs for each URL, and the URL's
-    record once it ended (``record``, the manifest line): a feed export of the
-    fetch spider's items (Scrapyd's ``items_url``) is its records."""
+    """One download of the fetch spider: the stock ``file_urls``/``files`` fields,
+    then, once its URL ended, the URL's record, flat, with the fields of its
+    manifest line (``url``, ``status``, ``path`` ...). A feed export of the fetch
+    spider's items (``-O records.jsonl``, Scrapyd's ``items_url``) is its records:
+    the fetch project's FEED_EXPORT_FIELDS are the manifest's fields.
+
+    ``fetcher_entries`` (the list entries, with ``out=``, checksum, headers) is
+    what the pipeline needs for each URL; it is no field, so it is never exported."""
 
     file_urls: list[str]
-    fetcher_entries: list[Entry] = field(default_factory=list)
+    fetcher_entries: InitVar[list[Entry] | None] = None
     files: list[dict[str, Any]] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None
+    status: str | None = None
+    path: str | None = None
+    size: int | None = None
+    checksum: str | None = None
+    algorithm: str | None = None
+    http_status: int | None = None
+    attempts: int | None = None
+    error: str | None = None
+    note: str | None = None
+    mirror: str | None = None
+    run: str | None = None
+    finished_at: str | None = None
+
+    def __post_init__(self, fetcher_entries: list[Entry] | None) -> None:
+        self.fetcher_entries = fetcher_entries or []
+
+    def set_record(self, line: dict[str, Any]) -> None:
+        """Take the URL's record (its manifest line) as the item's own fields."""
+        for name, value in line.items():
+            setattr(self, name, value)
 
     def __repr__(self) -> str:
         """What Scrapy logs for a scraped item: no credentials (URLs, header= values)."""
-        return f"FetchItem(file_urls={[safe_url(u) for u in self.file_urls]!r}, record={self.record!r})"
+        return f"FetchItem(file_urls={[safe_url(u) for u in self.file_urls]!r}, status={self.status!r})"
 
 
 @dataclass(slots=True)

@@ -64,11 +64,6 @@ class TokenBucket:
             return 0.0
         return -self._tokens / self.rate
 
-    @property
-    def tokens(self) -> float:
-        """The balance at the last charge (negative: a debt), for tests and logs."""
-        return self._tokens
-
 
 def parse_rate(name: str, value: object) -> float:
     """A rate setting in bytes a second: a number, or one with a binary K/M/G suffix as

@@ -13,17 +13,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fetcher.writer import (
     PART_SUFFIX,
     BodyError,
-    HeadersLike,
     LengthMismatch,
     ResumeMismatch,
     StorageError,
     Validators,
     content_range,
 )
+
+if TYPE_CHECKING:
+    from fetcher.contract import HeadersLike
 
 STATE_SUFFIX = ".part.segments"
 

@@ -7,6 +7,8 @@ Override any of them per run (``-s CONCURRENT_REQUESTS=128``), per project, or
 per Scrapyd job. ``scrapy settings --get NAME`` shows the effective value.
 """
 
+from fetcher.records import MANIFEST_FIELDS
+
 BOT_NAME = "fetcher"
 SPIDER_MODULES = ["fetcher.spiders"]
 NEWSPIDER_MODULE = "fetcher.spiders"
@@ -36,8 +38,9 @@ DOWNLOAD_VERIFY_CERTIFICATES = True  # a downloader must not accept any certific
 ADDONS = {"fetcher.Addon": 0}
 FILES_STORE = "downloads"  # relative to the working directory, or s3://bucket/prefix (AWS_* settings)
 
-# A feed export of the fetch spider's items (-O records.jsonl, Scrapyd's items_url) is its records.
-FEED_EXPORT_FIELDS = ["record"]
+# A feed export of the fetch spider's items (-O records.jsonl, Scrapyd's items_url) is its records:
+# one flat line per URL, with the manifest's fields.
+FEED_EXPORT_FIELDS = list(MANIFEST_FIELDS)
 
 # A downloader needs no control servers (Scrapy 2.19 starts two by default).
 TELNETCONSOLE_ENABLED = False

@@ -28,13 +28,14 @@ from scrapy.exceptions import NotConfigured
 from scrapy.pipelines.files import FSFilesStore, FTPFilesStore, GCSFilesStore, S3FilesStore
 from scrapy.utils.ftp import ftp_makedirs_cwd
 
-from fetcher.addon import DEFAULTS
 from fetcher.exceptions import StartupError
 from fetcher.naming import resolve_in_store
 from fetcher.redact import safe_url
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
+
+    from fetcher.config import Config
 
 #: Object metadata fetcher writes on every upload (S3, GCS): a HEAD tells size and digest without a GET.
 META_DIGEST = "fetcher-digest"  # "<algorithm>:<hex>"
@@ -107,14 +108,14 @@ class RemoteTarget(ABC):
     #: not (FTP), the size recorded in the store's index vouches for the object.
     OBJECT_DIGESTS: ClassVar[bool] = True
 
-    def __init__(self, store: Any, uri: str, settings: BaseSettings) -> None:
+    def __init__(self, store: Any, uri: str, config: Config, settings: BaseSettings) -> None:
         self.store = store
         self.uri = uri
         name = _slug(self.describe())  # never a password in a folder name
-        self.spool = Path(settings.get("FETCHER_SPOOL") or Path(tempfile.gettempdir()) / "fetcher-spool" / name)
+        self.spool = Path(config.spool or Path(tempfile.gettempdir()) / "fetcher-spool" / name)
         state_home = os.path.expanduser(os.environ.get("XDG_STATE_HOME") or "~/.local/state")
         self.state_default = Path(state_home) / "fetcher" / name
-        self.part_size = settings.getint("FETCHER_MULTIPART_THRESHOLD", DEFAULTS["FETCHER_MULTIPART_THRESHOLD"])
+        self.part_size = config.multipart_threshold
 
     def local_path(self, path: str) -> Path:
         """Where the body of *path* is spooled (ValueError for a path leaving the spool)."""
@@ -161,15 +162,15 @@ class S3Target(RemoteTarget):
     LIBRARY = "boto3"
     SETTINGS = "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION_NAME"
 
-    def __init__(self, store: S3FilesStore, uri: str, settings: BaseSettings) -> None:
+    def __init__(self, store: S3FilesStore, uri: str, config: Config, settings: BaseSettings) -> None:
         try:
             from boto3.s3.transfer import S3Transfer, TransferConfig  # noqa: PLC0415 - only for S3 stores
         except ImportError as exc:
             raise StartupError(f"FILES_STORE={uri} needs boto3: pip install boto3") from exc
-        super().__init__(store, uri, settings)
+        super().__init__(store, uri, config, settings)
         self.bucket = store.bucket
-        config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size)
-        self._transfer = S3Transfer(client=store.s3_client, config=config)
+        parts = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size)
+        self._transfer = S3Transfer(client=store.s3_client, config=parts)
 
     def _probe(self) -> None:
         self.store.s3_client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), MaxKeys=1)
@@ -207,8 +208,8 @@ class GCSTarget(RemoteTarget):
     SETTINGS = "GCS_PROJECT_ID, GOOGLE_APPLICATION_CREDENTIALS, and that the bucket exists"
     _CHUNK = 256 * 1024  # resumable chunks are multiples of this
 
-    def __init__(self, store: GCSFilesStore, uri: str, settings: BaseSettings) -> None:
-        super().__init__(store, uri, settings)
+    def __init__(self, store: GCSFilesStore, uri: str, config: Config, settings: BaseSettings) -> None:
+        super().__init__(store, uri, config, settings)
         self.bucket = store.bucket
         self.chunk_size = max(self._CHUNK, self.part_size // self._CHUNK * self._CHUNK)
 
@@ -246,8 +247,8 @@ class FTPTarget(RemoteTarget):
                 "ftp://user:password@host:port/path, FEED_STORAGE_FTP_ACTIVE")
     OBJECT_DIGESTS = False
 
-    def __init__(self, store: FTPFilesStore, uri: str, settings: BaseSettings) -> None:
-        super().__init__(store, uri, settings)
+    def __init__(self, store: FTPFilesStore, uri: str, config: Config, settings: BaseSettings) -> None:
+        super().__init__(store, uri, config, settings)
         self.timeout = settings.getfloat("DOWNLOAD_TIMEOUT") or None  # a silent server must not hang a thread
 
     def key(self, path: str) -> str:
@@ -298,13 +299,13 @@ Target = LocalTarget | RemoteTarget
 _SCHEMES: dict[str, type[RemoteTarget]] = {"s3": S3Target, "gs": GCSTarget, "ftp": FTPTarget}
 
 
-def target_for(store: Any, uri: str, settings: BaseSettings) -> Target:
+def target_for(store: Any, uri: str, config: Config, settings: BaseSettings) -> Target:
     """The target for Scrapy's store object, or a StartupError saying what is missing."""
     if isinstance(store, FSFilesStore):
         return LocalTarget(Path(store.basedir))
     for target_class in _SCHEMES.values():
         if isinstance(store, target_class.STORE):
-            return target_class(store, uri, settings)
+            return target_class(store, uri, config, settings)
     raise StartupError(f"FILES_STORE={safe_url(uri)}: fetcher streams to local folders, s3://, gs:// and "
                        f"ftp:// stores, not to {type(store).__name__}")
 

@@ -1,7 +1,7 @@
 """The hashing writer: a response body goes to ``<final>.part`` and through the
 hash in the same pass, and reaches its final name only when it is complete.
 
-No Scrapy here: the download handler feeds it through :class:`Sink` (``begin``/``write``/``finish``)
+No Scrapy here: the download handler feeds it as a ``fetcher.contract.Sink`` (``begin``/``write``/``finish``)
 and the pipeline owns it (``prepare``/``commit``/``discard``), so the rules for
 resuming, size caps and length checks are testable without a crawler.
 """
@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from fetcher.contract import HeadersLike
 
 PART_SUFFIX = ".part"
 META_SUFFIX = ".part.meta"
@@ -27,30 +30,6 @@ _READ_CHUNK = 1 << 20
 #: they begin; smaller ones only if they are interrupted (no write per small file).
 _META_EAGER = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-
-
-class HeadersLike(Protocol):
-    """What ``begin`` needs of response headers (scrapy.http.Headers fits)."""
-
-    def get(self, key: str) -> bytes | None: ...
-
-
-class Sink(Protocol):
-    """Where a download handler streams a body: all the handler may use of it
-    (fetcher.handlers depends on this, not on HashingWriter)."""
-
-    @property
-    def expected_size(self) -> int | None:
-        """The whole file's announced length once ``begin`` accepted a body; None if unknown."""
-
-    def begin(self, status: int, headers: HeadersLike) -> bool:
-        """Whether this response's body goes into the sink; raise to refuse the response."""
-
-    def write(self, data: bytes) -> None:
-        """Take the next body chunk; raise to stop the transfer (full disk, size cap)."""
-
-    def finish(self, *, accept_short: bool = False) -> None:
-        """The body ended; *accept_short* keeps a body cut short (DOWNLOAD_FAIL_ON_DATALOSS=False)."""
 
 
 class BodyError(Exception):

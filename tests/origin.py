@@ -941,6 +941,8 @@ class Origin:
             return _Reply(304, validators + vary)
 
         headers = [("Content-Type", "application/octet-stream"), *validators, *vary]
+        if _flag(params, "colonless_header"):  # a header line without a colon (browsers skip it)
+            headers.append(("", "X-Broken-Header-Without-Colon"))
         if disposition is not None:
             headers.append(("Content-Disposition", _content_disposition(disposition)))
         if gzip_on and (gzip_mode == "force" or _accepts_gzip(req.headers.get("accept-encoding"))):
@@ -994,7 +996,7 @@ class Origin:
             f"Date: {email.utils.formatdate(usegmt=True)}",
             f"Server: {SERVER_NAME}",
         ]
-        lines.extend(f"{name}: {value}" for name, value in headers)
+        lines.extend(f"{name}: {value}" if name else value for name, value in headers)  # "": a bare line
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
     async def _send(

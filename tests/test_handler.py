@@ -33,14 +33,9 @@ from scrapy.utils.reactor import (
 )
 from scrapy.utils.test import get_crawler
 
-from fetcher.handlers import (
-    DATALOSS_FLAG,
-    SINK_META,
-    STOPPED_FLAG,
-    STREAMED_FLAG,
-    StreamingDownloadHandler,
-)
-from fetcher.writer import FileTooLarge, HeadersLike, Sink
+from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, HeadersLike, Sink
+from fetcher.handlers import StreamingDownloadHandler
+from fetcher.writer import FileTooLarge
 from tests.conftest import Fetch
 from tests.origin import Origin, content_bytes, expected_digest
 

@@ -16,9 +16,10 @@ from scrapy.settings import Settings
 from scrapy.utils.test import get_crawler
 
 from fetcher import Addon, FilesPipeline
-from fetcher.addon import DEFAULTS
+from fetcher.config import DEFAULTS
 from fetcher.middlewares import RedirectGuardMiddleware
-from fetcher.pipelines import StreamingFilesPipeline, _Outcome, _stats_reason
+from fetcher.pipelines import StreamingFilesPipeline
+from fetcher.retry import AttemptFailed
 from fetcher.records import RecordStore, StoredRecord
 from fetcher.urllist import Entry
 
@@ -130,7 +131,7 @@ def test_media_to_download_of_a_subclass_decides_without_a_download(tmp_path: Pa
     item = asyncio.get_event_loop().run_until_complete(p.process_item({"file_urls": ["http://example.invalid/k.bin"]}))
     assert item["files"] == [{"url": "http://example.invalid/k.bin", "path": "known.bin", "checksum": "abc",
                               "status": "uptodate"}]
-    assert p.records is not None and p.records.lookup("http://example.invalid/k.bin") is None  # not fetched
+    assert p.run_records.records is not None and p.run_records.records.lookup("http://example.invalid/k.bin") is None  # not fetched
 
 
 def test_overridden_hooks_that_cannot_be_called_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -163,24 +164,24 @@ def test_a_store_of_url_named_files_is_warned_before_its_layout_changes(
 
 
 def test_rerun_hint_fits_how_the_run_was_started(tmp_path: Path) -> None:
-    assert pipeline(tmp_path).rerun_hint() == f"Retry them with: scrapy crawl fetch -a list={tmp_path}/store/failed.txt"
-    assert pipeline(tmp_path, FETCHER_INVOKED_AS="fetcher").rerun_hint() == \
+    assert pipeline(tmp_path).run_records.rerun_hint() == f"Retry them with: scrapy crawl fetch -a list={tmp_path}/store/failed.txt"
+    assert pipeline(tmp_path, FETCHER_INVOKED_AS="fetcher").run_records.rerun_hint() == \
         f"Retry them with: fetcher {tmp_path}/store/failed.txt"
-    assert "scrapy crawl shop` again" in pipeline(tmp_path, spider=Shop).rerun_hint()
+    assert "scrapy crawl shop` again" in pipeline(tmp_path, spider=Shop).run_records.rerun_hint()
 
 
 def test_expiry_counts_days_like_stock(tmp_path: Path) -> None:
-    p = pipeline(tmp_path, FILES_EXPIRES=2)
-    assert not p._expired("2999-01-01T00:00:00.000Z")  # noqa: SLF001
-    assert p._expired("2000-01-01T00:00:00.000Z")  # noqa: SLF001
-    assert not p._expired(None)  # noqa: SLF001
-    assert pipeline(tmp_path, FILES_EXPIRES=0)._expired(1.0)  # noqa: SLF001
+    fresh = pipeline(tmp_path, FILES_EXPIRES=2).transfers.freshness
+    assert not fresh.expired("2999-01-01T00:00:00.000Z")
+    assert fresh.expired("2000-01-01T00:00:00.000Z")
+    assert not fresh.expired(None)
+    assert pipeline(tmp_path, FILES_EXPIRES=0).transfers.freshness.expired(1.0)
 
 
 def test_retry_stats_reasons_are_scrapys() -> None:
     try:
-        raise _Outcome("x", reason="timeout", retryable=True) from TimeoutError()
-    except _Outcome as outcome:
-        assert _stats_reason(outcome) == "builtins.TimeoutError"
-    assert _stats_reason(_Outcome("HTTP 503", reason="HTTP 503", retryable=True, http_status=503)) == \
+        raise AttemptFailed("x", reason="timeout", retryable=True) from TimeoutError()
+    except AttemptFailed as outcome:
+        assert outcome.stats_reason == "builtins.TimeoutError"
+    assert AttemptFailed("HTTP 503", reason="HTTP 503", retryable=True, http_status=503).stats_reason == \
         "503 Service Unavailable"

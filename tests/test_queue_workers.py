@@ -3,17 +3,24 @@ and `scrapy queue`, against the test origin."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scrapy.statscollectors import StatsCollector
+from scrapy.utils.test import get_crawler
 
+from fetcher.items import FetchItem
+from fetcher.spiders.fetch import FetchSpider
+from fetcher.urllist import Entry
 from tests.conftest import SCRAPY, Fetch
 from tests.origin import Origin, expected_digest, parse_size
 from tests.redis_server import RedisServer
@@ -196,3 +203,35 @@ def test_a_worker_on_a_finished_store_records_uptodate_and_ends(fetch: Fetch, or
     assert len(records) == 30 and {r["status"] for r in records} == {"uptodate"}
     assert origin.stats.hits == 30  # the second queue fetched nothing
     assert queue_state(fetch, queue_url)["in flight"] == 0
+
+
+class _Acks:
+    """The queue side of a worker, as far as the spider's bookkeeping goes."""
+
+    def finished(self, url: str) -> None:
+        pass
+
+
+def test_a_queue_worker_keeps_no_memory_per_url() -> None:
+    """A long-running worker hands 100,000 entries through: the spider's duplicate check (a
+    set that grows with every URL) is for lists, and a queue's entries are unique already."""
+    crawler = get_crawler(FetchSpider)
+    crawler.stats = StatsCollector(crawler)
+    spider = FetchSpider.from_crawler(crawler, list="redis://127.0.0.1:9/0?queue=q")
+    spider._queue = _Acks()  # type: ignore[assignment]  # noqa: SLF001 - as start() sets it for a queue
+
+    async def feed(n: int) -> None:
+        for i in range(n):
+            item = await spider._item(Entry(f"http://127.0.0.1:9/{i}.bin", i))  # noqa: SLF001
+            assert isinstance(item, FetchItem)
+            spider._item_done(item)  # noqa: SLF001
+
+    asyncio.run(feed(1_000))  # warm: the first items allocate what every later one reuses
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        asyncio.run(feed(100_000))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 512 * 1024, f"{grown:,} bytes kept for 100,000 URLs"

@@ -12,7 +12,9 @@ import pytest
 from scrapy import Request
 from scrapy.settings import Settings
 
-from fetcher.handlers import _TransferLimits
+from fetcher.config import Config
+from fetcher.exceptions import StartupError
+from fetcher.limits import TransferLimits
 from fetcher.ratelimit import MIN_BURST, TokenBucket, parse_rate
 from tests.conftest import Fetch, Run
 from tests.origin import Origin, expected_digest
@@ -115,13 +117,13 @@ class _Downloader:
         return request.meta.get("download_slot") or request.url.split("/")[2].split(":")[0]
 
 
-def _limits(**settings: Any) -> _TransferLimits:
-    return _TransferLimits(Settings({"CONCURRENT_REQUESTS": 4, "CONCURRENT_REQUESTS_PER_DOMAIN": 2, **settings}))
+def _limits(**settings: Any) -> TransferLimits:
+    s = Settings({"CONCURRENT_REQUESTS": 4, "CONCURRENT_REQUESTS_PER_DOMAIN": 2, **settings})
+    return TransferLimits(s, Config.from_settings(s))
 
 
 def test_no_cap_no_bucket() -> None:
     limits = _limits()
-    assert limits.error is None
     assert limits.buckets(Request("http://a.test/x"), _Downloader()) is None  # type: ignore[arg-type]
     assert limits._rate_total is None and limits._rate_slots == {}
 
@@ -140,8 +142,8 @@ def test_buckets_are_shared_by_the_crawl_and_by_slot() -> None:
 
 
 def test_a_bad_cap_is_an_error_not_no_cap() -> None:
-    limits = _limits(FETCHER_MAX_RATE_PER_HOST="-5")
-    assert limits.error is not None and "FETCHER_MAX_RATE_PER_HOST" in str(limits.error)
+    with pytest.raises(StartupError, match="FETCHER_MAX_RATE_PER_HOST"):
+        _limits(FETCHER_MAX_RATE_PER_HOST="-5")
 
 
 # -- real crawls -------------------------------------------------------------------------------------

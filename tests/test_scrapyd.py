@@ -281,7 +281,7 @@ def _log(scrapyd: Scrapyd, job: dict[str, Any]) -> str:
 
 def _records(scrapyd: Scrapyd, job: dict[str, Any]) -> list[dict[str, Any]]:
     lines = scrapyd.request(job["items_url"]).decode().splitlines()
-    return [json.loads(line)["record"] for line in lines]
+    return [json.loads(line) for line in lines]
 
 
 def test_deploy_from_a_clean_clone_leaves_nothing_behind(scrapyd: Scrapyd) -> None:

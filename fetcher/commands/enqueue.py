@@ -3,6 +3,10 @@
     scrapy enqueue redis://host:6379/0 urls.txt          # a list file (plain or gzip)
     scrapy enqueue 'redis://:pw@host:6379/0?queue=isos' -  < urls.txt
     scrapy enqueue redis://host:6379/0 https://host/list.txt
+    scrapy enqueue redis://host:6379/0 package:example.txt
+
+The list is read as the fetch spider reads it (fetcher/sources.py): a list URL
+is fetched to a temporary file first, retried as every transfer is.
 
 The list is read lazily and sent in batches, so millions of URLs take seconds
 and flat memory. A URL already in the queue (from this list or an earlier one)
@@ -12,23 +16,31 @@ as failed in the queue's records. Exit status 1 when a line was bad.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
 from fetcher.queue import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
 from fetcher.records import StoredRecord, new_run_id, utc_now
-from fetcher.urllist import BadLine, Entry, open_list, parse_lines, text_lines
+from fetcher.redact import safe_line
+from fetcher.retry import Retrier
+from fetcher.sources import ListFetchFailed, ListUnavailable, ListWarnings, check_source, entries_of, local_copy
+from fetcher.urllist import BadLine, Entry
 
 if TYPE_CHECKING:
     import argparse
 
 logger = logging.getLogger(__name__)
+_LIST_TIMEOUT = 60  # seconds a list server may stay silent
 
 
 class Command(ScrapyCommand):
@@ -38,7 +50,7 @@ class Command(ScrapyCommand):
         return "REDIS_URL LIST"
 
     def short_desc(self) -> str:
-        return "Push a URL list (a path, - for standard input, or an http(s) URL) into a shared queue"
+        return "Push a URL list (a path, - for standard input, an http(s) URL or package:NAME) into a shared queue"
 
     def long_desc(self) -> str:
         return (__doc__ or "").strip()
@@ -49,20 +61,21 @@ class Command(ScrapyCommand):
         url, source = args
         try:
             parse_queue_url(url)
+            check_source(source)
         except ValueError as exc:
             raise UsageError(str(exc), print_help=False) from exc
+        assert self.settings is not None
         queue = RedisQueue(url)
         counter = _Counter(queue, new_run_id())
         try:
             queue.check()
-            with _lines(source) as lines:
-                added, duplicates = queue.enqueue(counter.entries(lines))
+            added, duplicates = asyncio.run(self._enqueue(queue, counter, source))
         except QueueUnavailable as exc:
             logger.error("Cannot use the queue: %s", exc)
             self.exitcode = 1
             return
-        except OSError as exc:
-            logger.error("Cannot read the list %s: %s", source, exc)
+        except ListUnavailable as exc:
+            logger.error("%s", exc)
             self.exitcode = 1
             return
         finally:
@@ -71,6 +84,14 @@ class Command(ScrapyCommand):
               f"{counter.bad} bad lines", file=sys.stderr)
         if counter.bad:
             self.exitcode = 1
+
+    async def _enqueue(self, queue: RedisQueue, counter: _Counter, source: str) -> tuple[int, int]:
+        """Read the list as the fetch spider reads it (fetcher.sources) and send it in batches."""
+        assert self.settings is not None
+        retrier = Retrier.from_settings(self.settings)
+        fetch = functools.partial(_fetch, retry_codes=retrier.policy.http_codes)
+        async with local_copy(source, fetch, retrier) as path:
+            return await asyncio.to_thread(queue.enqueue, counter.entries(entries_of(path)))
 
 
 class _Counter:
@@ -81,43 +102,33 @@ class _Counter:
         self.run = run
         self.bad = 0
 
-    def entries(self, lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-        warned: set[str] = set()
-        for entry in parse_lines(lines):
-            for w in entry.warnings:
-                if w.option not in warned:
-                    warned.add(w.option)
-                    logger.warning("%s: %s (said once)", w.where, w.message)
+    def entries(self, parsed: Iterator[Entry | BadLine]) -> Iterator[tuple[str, str]]:
+        warnings = ListWarnings()
+        for entry in parsed:
+            warnings.say(entry.warnings)
             if isinstance(entry, BadLine):
                 self.bad += 1
-                error = f"{entry.where}: {entry.reason}: {entry.text}"
+                error = f"{entry.where}: {entry.reason}: {safe_line(entry.text)}"
                 logger.error("%s", error)
                 key = entry.url or entry.text
                 self.queue.record(key, StoredRecord(key, "failed", error=error, run=self.run,
                                                     finished_at=utc_now()).manifest())
                 continue
-            assert isinstance(entry, Entry)
             yield entry.url, entry.to_line()
+        warnings.close()
 
 
-class _lines:  # noqa: N801 - a context manager used like a function
-    """The lines of a list given as a path, "-" or an http(s) URL."""
+async def _fetch(url: str, dest: Path, *, retry_codes: frozenset[int]) -> None:
+    """One attempt to fetch a list URL with the standard library (no crawl runs here)."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._close: Any = None
+    def get() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=_LIST_TIMEOUT) as response, dest.open("wb") as out:  # noqa: S310
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+        except urllib.error.HTTPError as exc:
+            raise ListFetchFailed(f"HTTP {exc.code}", retryable=exc.code in retry_codes) from None
+        except (OSError, ValueError) as exc:
+            raise ListFetchFailed(str(getattr(exc, "reason", None) or exc), retryable=True) from None
 
-    def __enter__(self) -> Iterator[str]:
-        if self.source == "-":
-            return text_lines(sys.stdin.buffer)
-        if self.source.startswith(("http://", "https://")):
-            response = urllib.request.urlopen(self.source, timeout=60)  # noqa: S310 - http(s) only, checked above
-            self._close = response.close
-            return text_lines(response)
-        f = open_list(self.source)
-        self._close = f.close
-        return iter(f)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._close is not None:
-            self._close()
+    await asyncio.to_thread(get)

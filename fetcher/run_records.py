@@ -1,0 +1,128 @@
+"""One run's side of the store's records (fetcher.records): opened at start, each
+URL's end recorded as it comes, and at the end the manifest compacted, failed.txt
+written with the rerun hint, and a remote store's manifest uploaded.
+
+The records hang on signals (fetcher's ``file_finished``, Scrapy's ``spider_closed``),
+not on the pipeline's methods, so a FilesPipeline subclass that overrides
+``open_spider`` or ``close_spider`` cannot lose them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scrapy import signals as scrapy_signals
+from scrapy.settings import SETTINGS_PRIORITIES
+
+from fetcher import signals
+from fetcher.cli import INVOKED_AS
+from fetcher.exceptions import StartupError
+from fetcher.items import BAD_LINE
+from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
+from fetcher.stores import RemoteTarget, Target
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+
+    from fetcher.config import Config
+    from fetcher.items import FileRecord
+
+logger = logging.getLogger(__name__)
+
+
+class RunRecords:
+    """The records of the store a run writes to, and the locks of its paths."""
+
+    def __init__(self, crawler: Crawler, config: Config, target: Target) -> None:
+        self.crawler = crawler
+        self.config = config
+        self.target = target
+        self.state_dir = Path(config.state_dir) if config.state_dir else target.state_default
+        reports = self.state_dir if isinstance(target, RemoteTarget) else target.basedir
+        self.manifest_path = Path(config.manifest or reports / "manifest.jsonl")
+        self.failed_path = Path(config.failed_list or reports / "failed.txt")
+        self.run_id = new_run_id()
+        try:  # blocking (an old store's manifest is imported once): at start, before the first download
+            store_dir = None if isinstance(target, RemoteTarget) else target.basedir
+            self.records: RecordStore | None = RecordStore.open(
+                self.state_dir, self.manifest_path, self.failed_path, store_dir)
+            self.locks = PathLocks(self.state_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
+        crawler.signals.connect(self.put, signal=signals.file_finished)
+        crawler.signals.connect(self.close, signal=scrapy_signals.spider_closed)
+
+    def put(self, record: FileRecord) -> None:
+        """Every URL's end (the pipeline's files and the spider's bad lines) becomes its current record."""
+        if self.records is not None:
+            self.records.put(self.stored(record), durable=record.status != "uptodate")
+
+    def stored(self, record: FileRecord) -> StoredRecord:
+        """The store's record of how *record*'s URL ended (its manifest line)."""
+        if record.finished_at is None:
+            record.finished_at = utc_now()
+        has_file = record.status != "failed"
+        return StoredRecord(
+            url=record.url, status=record.status, path=record.path if has_file else None,
+            size=record.size if has_file else None, mtime_ns=record.mtime_ns if has_file else None,
+            checksum=record.checksum if has_file else None, algorithm=record.algorithm,
+            http_status=record.http_status, attempts=record.attempts, error=record.error, note=record.note,
+            mirror=record.mirror if has_file else None, etag=record.etag, last_modified=record.last_modified,
+            run=self.run_id, finished_at=record.finished_at,
+            entry=None if record.reason == BAD_LINE else record.entry.to_line(),
+            fetched_at=(record.fetched_at if record.status == "uptodate" else record.finished_at) if has_file else None,
+        )
+
+    def manifest_line(self, url: str) -> dict[str, Any] | None:
+        """The store's current record of *url*, as its manifest line (confirmations flushed first)."""
+        if self.records is None:
+            return None
+        self.records.flush()
+        record = self.records.lookup(url)
+        return record.manifest() if record is not None else None
+
+    def flush(self) -> None:
+        """Confirmations do not wait for the next record (see RecordStore.put)."""
+        if self.records is not None:
+            self.records.flush()
+
+    async def close(self) -> None:
+        """Leave the records true for the next run: the manifest with one line per
+        URL, failed.txt with the store's failures, a remote store's manifest uploaded."""
+        records, self.records = self.records, None
+        if records is None:
+            return
+        try:
+            await asyncio.to_thread(records.compact)
+            rerun = self.rerun_hint()
+            count = await asyncio.to_thread(
+                records.write_failed_list,
+                f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n# {rerun}\n")
+            if count:
+                logger.info("%d URLs of this store are failed (%s); %s", count, self.failed_path, rerun)
+            if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
+                try:
+                    await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
+                except Exception as exc:  # noqa: BLE001 - the local manifest is still complete
+                    logger.error("Cannot upload the manifest to %s: %s", self.target.describe(), exc)
+        finally:
+            records.close()
+            self.locks.close()
+
+    def rerun_hint(self) -> str:
+        """How to try the store's failures again, in the words of how this run was started."""
+        spider = self.crawler.spider
+        if spider is None or spider.name != "fetch":  # another project's spider: it knows its own items
+            name = spider.name if spider is not None else "<spider>"
+            return f"Retry them by running `scrapy crawl {name}` again (finished files are skipped)"
+        s = self.crawler.settings
+        store = f" -s FILES_STORE={shlex.quote(str(s.get('FILES_STORE')))}" \
+            if s.getpriority("FILES_STORE") == SETTINGS_PRIORITIES["cmdline"] else ""
+        failed = shlex.quote(str(self.failed_path))
+        if self.config.invoked_as == INVOKED_AS:
+            return f"Retry them with: {INVOKED_AS} {failed}{store}"
+        return f"Retry them with: scrapy crawl fetch -a list={failed}{store}"
