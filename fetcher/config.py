@@ -16,9 +16,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fetcher.backoff import Backoff
+from fetcher.transfer.backoff import Backoff
 from fetcher.exceptions import StartupError
-from fetcher.ratelimit import parse_rate
+from fetcher.transfer.ratelimit import parse_rate
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_RETRY_AFTER_MAX": 600.0,  # cap on a server's Retry-After (seconds)
     # -- The fetch spider and what a person sees
     "FETCHER_MAX_PENDING": 1000,  # list entries in progress at once, at least 2 x CONCURRENT_REQUESTS
+    "FETCHER_MAX_LINE": 64 * 1024,  # characters in one list line (or queue entry line); longer: a bad line
+    "FETCHER_MAX_OPTIONS": 1000,  # options of one list entry; more: a bad entry
     "FETCHER_PROGRESS": "auto",  # "bar" on a terminal, "log" lines otherwise; or "bar", "log", "off"
     "FETCHER_PROGRESS_INTERVAL": 60.0,  # seconds between progress log lines (the "log" mode)
     "FETCHER_INVOKED_AS": "",  # set by the `fetcher` console command, so messages show its rerun command
@@ -73,7 +75,7 @@ _OFF = ("false", "0", "none")  # also taken for "off"
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The crawl's FETCHER_* settings, checked and typed (RETRY_* are Scrapy's: fetcher.retry reads them)."""
+    """The crawl's FETCHER_* settings, checked and typed (RETRY_* are Scrapy's: fetcher.transfer.retry reads them)."""
 
     layout: str
     algorithm: str
@@ -96,6 +98,8 @@ class Config:
     split: int
     min_split_size: int
     max_pending: int  # resolved: at least twice CONCURRENT_REQUESTS
+    max_line: int
+    max_options: int
     progress: str
     progress_interval: float
     invoked_as: str
@@ -146,6 +150,8 @@ class Config:
             min_split_size=r.int("FETCHER_MIN_SPLIT_SIZE", minimum=1),
             # Never fewer than twice the transfers that may run at once, or the list would starve them.
             max_pending=max(r.int("FETCHER_MAX_PENDING", minimum=1), 2 * r.settings.getint("CONCURRENT_REQUESTS")),
+            max_line=r.int("FETCHER_MAX_LINE", minimum=1),
+            max_options=r.int("FETCHER_MAX_OPTIONS", minimum=1),
             progress="off" if str(r.raw("FETCHER_PROGRESS")).lower() in _OFF
             else r.choice("FETCHER_PROGRESS", _PROGRESS_MODES),
             progress_interval=r.seconds("FETCHER_PROGRESS_INTERVAL", positive=True),

@@ -11,7 +11,7 @@ from typing import Protocol
 
 #: Request meta: the Sink a streamed body goes to (no sink: the stock handler answers).
 SINK_META = "fetcher_sink"
-#: Request meta: the list entry (fetcher.urllist.Entry) a file request was made for.
+#: Request meta: the list entry (fetcher.listing.urllist.Entry) a file request was made for.
 ENTRY_META = "fetcher_entry"
 
 #: Flag on responses whose body went to the sink.

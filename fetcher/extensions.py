@@ -1,6 +1,6 @@
 """Extensions that report how a run went, fed by ``fetcher.signals.file_finished``:
 the progress display, and the counts, stats and summary. (The records, the
-manifest and failed.txt are the store's: see ``fetcher.records``.)"""
+manifest and failed.txt are the store's: see ``fetcher.store.records``.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Download handler that streams response bodies into a sink instead of memory.
 
 Every stock Scrapy HTTP handler buffers the whole body. A request whose
-``meta["fetcher_sink"]`` holds a :class:`~fetcher.writer.Sink` (the pipeline's
+``meta["fetcher_sink"]`` holds a :class:`~fetcher.store.writer.Sink` (the pipeline's
 HashingWriter) is fetched here with Twisted's Agent and each chunk goes straight
 to that sink; the Response handed back has an empty body. Every other request is
 passed to the stock handler, so the handler can replace ``http``/``https`` in
@@ -25,7 +25,7 @@ the whole request. A large file that keeps flowing is never cut for being long.
 Bandwidth caps for streamed bodies: FETCHER_MAX_RATE (all transfers of the crawl,
 as aria2's --max-overall-download-limit and wget's --limit-rate) and
 FETCHER_MAX_RATE_PER_HOST (each downloader slot, keyed as Scrapy keys it), in bytes
-a second. Each chunk is charged to token buckets (fetcher.ratelimit); over a cap,
+a second. Each chunk is charged to token buckets (fetcher.transfer.ratelimit); over a cap,
 the transfer stops reading its socket until the debt is paid, so nothing waits in
 memory and TCP slows the sender. A paused transfer is not a stalled one. Unset, no
 bucket exists and a chunk costs one test. Requests that are not streamed (handed
@@ -64,13 +64,13 @@ from fetcher._scrapy_private import (
     tls_policy,
     tunneling_agent,
 )
-from fetcher.body import BodyReader, BodyRules, Discard, Ended, describe, warn_size
+from fetcher.transfer.body import BodyReader, BodyRules, Discard, Ended, describe, warn_size
 from fetcher.config import Config
 from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, UNVERIFIED_END_FLAG
 from fetcher.exceptions import ConnectionFailed, ConnectionRefused, DNSLookupFailed, Timeout, TLSError
-from fetcher.limits import TransferLimits
+from fetcher.transfer.limits import TransferLimits
 from fetcher.redact import host_of, safe_url
-from fetcher.writer import BodyError, FileTooLarge
+from fetcher.store.writer import BodyError, FileTooLarge
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from twisted.web.client import Response as TxResponse
 
     from fetcher.contract import Sink
-    from fetcher.ratelimit import TokenBucket
+    from fetcher.transfer.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
 
@@ -199,16 +199,7 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             headers.pop(b"Content-Encoding", None)
         if ended.stopped is not None:  # not finished: the sink holds only part of the body
             return respond(ended.body, [], ended.stopped)
-        flags = [STREAMED_FLAG] if streaming else []
-        if ended.dataloss:
-            flags.append(DATALOSS_FLAG)
-        # Checkable only where the server takes ranges; a 206 told the full length already.
-        accepts_ranges = b"bytes" in (headers.get(b"Accept-Ranges") or b"").lower()
-        if ended.unverified and streaming and sink.expected_size is None and accepts_ranges:
-            flags.append(UNVERIFIED_END_FLAG)
-        if streaming:
-            sink.finish(accept_short=ended.dataloss)
-        return respond(ended.body, flags)
+        return respond(ended.body, _finish(sink if streaming else None, ended, headers))
 
     async def _request(self, request: Request, url: str) -> TxResponse:
         """Send *request* (to *url*, its credentials as Authorization) and wait for the
@@ -297,6 +288,19 @@ class StreamingDownloadHandler(BaseDownloadHandler):
                              safe_url(request.url), getattr(receiver, "__qualname__", receiver))
                 return result.value
         return None
+
+
+def _finish(sink: Sink | None, ended: Ended, headers: Headers) -> list[str]:
+    """The response's flags for how its body ended; a streamed body's length checked by its sink."""
+    if sink is None:
+        return [DATALOSS_FLAG] if ended.dataloss else []
+    flags = [STREAMED_FLAG, *([DATALOSS_FLAG] if ended.dataloss else [])]
+    # Checkable only where the server takes ranges; a 206 told the full length already.
+    accepts_ranges = b"bytes" in (headers.get(b"Accept-Ranges") or b"").lower()
+    if ended.unverified and sink.expected_size is None and accepts_ranges:
+        flags.append(UNVERIFIED_END_FLAG)
+    sink.finish(accept_short=ended.dataloss)
+    return flags
 
 
 def _respond(request: Request, url: str, status: int, headers: Headers, body: bytes, flags: list[str],

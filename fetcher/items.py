@@ -7,7 +7,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from fetcher.redact import host_of, safe_url
-from fetcher.urllist import Entry
+from fetcher.listing.urllist import Entry
 
 Status = Literal["downloaded", "cached", "uptodate", "failed"]
 BAD_LINE = "bad list line"  # the failure reason of a line that is not a valid entry

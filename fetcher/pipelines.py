@@ -4,8 +4,8 @@ It keeps stock FilesPipeline's contract (``file_urls`` in, ``files`` out with
 ``url``/``path``/``checksum``/``status``, and stock's hooks), so any spider can
 use it. This module holds Scrapy's side: the hooks, each file's name, its claim
 in this run and its lock across processes, and the store's records at the start
-and end of a run. A file's download is fetcher.transfer's; whether a file is
-up to date, fetcher.freshness's; retries, fetcher.retry's; settings, fetcher.config's.
+and end of a run. A file's download is fetcher.transfer.attempts's; whether a file is
+up to date, fetcher.store.freshness's; retries, fetcher.transfer.retry's; settings, fetcher.config's.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from fetcher._scrapy_private import spider_closing
 from fetcher.config import Config
 from fetcher.contract import ENTRY_META
 from fetcher.exceptions import StartupError
-from fetcher.freshness import Freshness
+from fetcher.store.freshness import Freshness
 from fetcher.items import FetchItem, FileRecord, run_key
-from fetcher.naming import INDEX_NAME, url_to_path
+from fetcher.store.naming import INDEX_NAME, url_to_path
 from fetcher.redact import safe_url
-from fetcher.retry import FILTERED, AttemptFailed, Retrier
-from fetcher.run_records import RunRecords
-from fetcher.stores import LocalTarget, RemoteTarget, Target, store_error, target_for
-from fetcher.transfer import Namer, Transfers
-from fetcher.urllist import Entry
+from fetcher.transfer.retry import FILTERED, AttemptFailed, Retrier
+from fetcher.store.run_records import RunRecords
+from fetcher.store.targets import LocalTarget, RemoteTarget, Target, store_error, target_for
+from fetcher.transfer.attempts import Namer, Transfers
+from fetcher.listing.urllist import Entry
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -66,7 +66,7 @@ class StreamingFilesPipeline(FilesPipeline):
     Needs :class:`fetcher.handlers.StreamingDownloadHandler` for http/https,
     and a FILES_STORE that is a local folder, ``s3://``, ``gs://`` or ``ftp://`` (the add-on,
     fetcher.Addon, sets both up). Settings: ``FETCHER_*`` (fetcher/config.py), stock's
-    FILES_* and MEDIA_ALLOW_REDIRECTS, and RETRY_* through fetcher/retry.py. A pipeline that
+    FILES_* and MEDIA_ALLOW_REDIRECTS, and RETRY_* through fetcher/transfer/retry.py. A pipeline that
     cannot work stops the run (StartupError) rather than being disabled.
 
     ``open_spider`` is stock's; fetcher's own opening and closing work hangs on the

@@ -7,7 +7,7 @@ Override any of them per run (``-s CONCURRENT_REQUESTS=128``), per project, or
 per Scrapyd job. ``scrapy settings --get NAME`` shows the effective value.
 """
 
-from fetcher.records import MANIFEST_FIELDS
+from fetcher.store.records import MANIFEST_FIELDS
 
 BOT_NAME = "fetcher"
 SPIDER_MODULES = ["fetcher.spiders"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
-from fetcher.backoff import Backoff, retry_after_seconds
+from fetcher.transfer.backoff import Backoff, retry_after_seconds
 
 
 def test_retry_after_seconds_and_http_date() -> None:

@@ -35,7 +35,7 @@ from scrapy.utils.test import get_crawler
 
 from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, HeadersLike, Sink
 from fetcher.handlers import StreamingDownloadHandler
-from fetcher.writer import FileTooLarge
+from fetcher.store.writer import FileTooLarge
 from tests.conftest import Fetch
 from tests.origin import Origin, content_bytes, expected_digest
 

@@ -10,7 +10,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import pytest
 
-from fetcher.naming import resolve_in_store, safe_relpath, url_to_path
+from fetcher.store.naming import resolve_in_store, safe_relpath, url_to_path
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ from fetcher import Addon, FilesPipeline
 from fetcher.config import DEFAULTS
 from fetcher.middlewares import RedirectGuardMiddleware
 from fetcher.pipelines import StreamingFilesPipeline
-from fetcher.retry import AttemptFailed
-from fetcher.records import RecordStore, StoredRecord
-from fetcher.urllist import Entry
+from fetcher.transfer.retry import AttemptFailed
+from fetcher.store.records import RecordStore, StoredRecord
+from fetcher.listing.urllist import Entry
 
 # -- the add-on
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pytest
 
-from fetcher.queue import (
+from fetcher.queue.stream import (
     DEFAULT_QUEUE,
     Delivery,
     QueueUnavailable,
@@ -178,7 +178,7 @@ def test_dead_consumer_entries_are_reclaimed_after_the_lease(
     st = alive.status()
     assert st.in_flight["dead"] == 0 and st.in_flight["alive"] == 3
     # The "dead" worker was only slow: its heartbeat learns it lost them.
-    with caplog.at_level(logging.WARNING, logger="fetcher.queue"):
+    with caplog.at_level(logging.WARNING, logger="fetcher.queue.stream"):
         dead.heartbeat()
     assert "taken over" in caplog.text
     assert dead._held == set()

@@ -20,7 +20,7 @@ from scrapy.utils.test import get_crawler
 
 from fetcher.items import FetchItem
 from fetcher.spiders.fetch import FetchSpider
-from fetcher.urllist import Entry
+from fetcher.listing.urllist import Entry
 from tests.conftest import SCRAPY, Fetch
 from tests.origin import Origin, expected_digest, parse_size
 from tests.redis_server import RedisServer
@@ -226,12 +226,14 @@ def test_a_queue_worker_keeps_no_memory_per_url() -> None:
             assert isinstance(item, FetchItem)
             spider._item_done(item)  # noqa: SLF001
 
-    asyncio.run(feed(1_000))  # warm: the first items allocate what every later one reuses
-    tracemalloc.start()
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would leave this thread without a loop
     try:
+        loop.run_until_complete(feed(1_000))  # warm: the first items allocate what every later one reuses
+        tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        asyncio.run(feed(100_000))
+        loop.run_until_complete(feed(100_000))
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+        loop.close()
     assert grown < 512 * 1024, f"{grown:,} bytes kept for 100,000 URLs"

@@ -14,8 +14,8 @@ from scrapy.settings import Settings
 
 from fetcher.config import Config
 from fetcher.exceptions import StartupError
-from fetcher.limits import TransferLimits
-from fetcher.ratelimit import MIN_BURST, TokenBucket, parse_rate
+from fetcher.transfer.limits import TransferLimits
+from fetcher.transfer.ratelimit import MIN_BURST, TokenBucket, parse_rate
 from tests.conftest import Fetch, Run
 from tests.origin import Origin, expected_digest
 

@@ -7,8 +7,8 @@ from scrapy.exceptions import DownloadConnectionRefusedError, DownloadTimeoutErr
 from scrapy.settings import Settings
 
 from fetcher.exceptions import ConnectionRefused, StallTimeoutError
-from fetcher.retry import Action, Attempt, RetryPolicy, Verdict
-from fetcher.writer import FileTooLarge, LengthMismatch, ResumeMismatch
+from fetcher.transfer.retry import Action, Attempt, RetryPolicy, Verdict
+from fetcher.store.writer import FileTooLarge, LengthMismatch, ResumeMismatch
 
 POLICY = RetryPolicy(times=3, http_codes=frozenset({500, 503, 429}),
                      exceptions=(DownloadConnectionRefusedError, DownloadTimeoutError))

@@ -1,4 +1,4 @@
-"""Every loop that retries goes through fetcher.retry.Retrier: a file's attempts, a
+"""Every loop that retries goes through fetcher.transfer.retry.Retrier: a file's attempts, a
 segment's, an upload's and a list download's. Driven against an operation that always
 fails, each shows the same limit (RETRY_TIMES retries), the same backoff, the same
 Scrapy stats keys, and ``fetcher/retry_waiting`` back at 0."""
@@ -18,16 +18,16 @@ from scrapy.utils.test import get_crawler
 
 from fetcher.config import Config
 from fetcher.exceptions import ConnectionRefused
-from fetcher.freshness import Freshness
+from fetcher.store.freshness import Freshness
 from fetcher.items import FileRecord
-from fetcher.retry import Retrier, RetryPolicy
-from fetcher.segments import Segment, SegmentState
-from fetcher.sources import ListFetchFailed, ListUnavailable, download
-from fetcher.split import SplitDownload
-from fetcher.stores import RemoteObject, RemoteTarget
-from fetcher.transfer import Transfers, _FileTransfer
-from fetcher.urllist import Entry
-from fetcher.writer import HashingWriter, Validators
+from fetcher.transfer.retry import Retrier, RetryPolicy
+from fetcher.transfer.segments import Segment, SegmentState
+from fetcher.listing.sources import ListFetchFailed, ListUnavailable, download
+from fetcher.transfer.split import SplitDownload
+from fetcher.store.targets import RemoteObject, RemoteTarget
+from fetcher.transfer.attempts import Transfers, _FileTransfer
+from fetcher.listing.urllist import Entry
+from fetcher.store.writer import HashingWriter, Validators
 
 TIMES = 2  # RETRY_TIMES: three attempts in all
 URL = "http://127.0.0.1:9/x.bin"  # never contacted: every operation here is a stand-in that fails
@@ -54,6 +54,16 @@ class Failing:
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         raise self.exc
+
+
+def run(coro: Awaitable[int]) -> int:
+    """Run *coro* on a loop of its own (asyncio.run would leave the thread without one,
+    and the handler tests that follow take the current loop)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def retrier() -> tuple[Retrier, StatsCollector, Backoffs]:
@@ -156,7 +166,7 @@ LOOPS: dict[str, Callable[[Path, Retrier], Awaitable[int]]] = {
 @pytest.mark.parametrize("loop", LOOPS)
 def test_every_retrying_loop_has_the_same_limit_backoff_and_stats(loop: str, tmp_path: Path) -> None:
     r, stats, backoffs = retrier()
-    calls = asyncio.run(LOOPS[loop](tmp_path, r))
+    calls = run(LOOPS[loop](tmp_path, r))
     assert calls == TIMES + 1  # the first attempt and RETRY_TIMES retries
     assert [attempt for attempt, _ in backoffs.asked] == list(range(1, TIMES + 1))  # one backoff before each retry
     counted = stats.get_stats()

@@ -3,11 +3,15 @@ round trips through to_line, and reading plain or gzip lists."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
 import itertools
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -15,8 +19,10 @@ from typing import IO
 
 import pytest
 
-from fetcher.naming import url_to_path
-from fetcher.urllist import (
+from fetcher.store.naming import url_to_path
+from fetcher.listing.urllist import (
+    MAX_LINE,
+    MAX_OPTIONS,
     BadLine,
     Checksum,
     Entry,
@@ -25,6 +31,7 @@ from fetcher.urllist import (
     parse_checksum,
     parse_inline,
     parse_lines,
+    parse_text,
     text_lines,
 )
 
@@ -347,8 +354,7 @@ def test_orphan_options() -> None:
     text = "  out=a\n  out=b\n# c\nftp://x/y\n  out=c\n\n  out=d\nhttps://h/z\n  out=z\n"
     assert parse(text) == [
         BadLine(1, "out=a", "option without a URL above it", None),
-        BadLine(4, "ftp://x/y", "unsupported scheme 'ftp'", None),
-        BadLine(5, "out=c", "option without a URL above it", None),
+        BadLine(4, "ftp://x/y", "unsupported scheme 'ftp'", None),  # out=c and out=d are its own
         Entry("https://h/z", 8, "z"),
     ]
 
@@ -591,10 +597,9 @@ def test_aria2_manual_examples() -> None:
         ("  https://h/b\n", [Entry("https://h/b", 1)]),
         ("  out=x\n  https://h/b\n  out=b\n",
          [BadLine(1, "out=x", "option without a URL above it", None), Entry("https://h/b", 2, "b")]),
-        # a bad indented URL is a bad line of its own, not the problem of the entry above
+        # a bad indented URL is a bad line of its own (with its options), not the problem of the entry above
         ("https://h/a\n  out=a\n  ftp://h/b\n  out=b\n",
-         [Entry("https://h/a", 1, "a"), BadLine(3, "ftp://h/b", "unsupported scheme 'ftp'", None),
-          BadLine(4, "out=b", "option without a URL above it", None)]),
+         [Entry("https://h/a", 1, "a"), BadLine(3, "ftp://h/b", "unsupported scheme 'ftp'", None)]),
         # a URL with "=" in it is still a URL
         ("https://h/a\n  http://h/b?x=1\n", [Entry("https://h/a", 1), Entry("http://h/b?x=1", 2)]),
         # an option whose value is a URL is an option
@@ -770,3 +775,261 @@ def test_aria2_fixture_shapes() -> None:
     assert "dir= must be a relative path" in parsed[0].reason and parsed[0].url == "http://one.test/f"
     assert parsed[1].url == "http://four.test/f.iso" and parsed[1].mirrors == ()
     assert parsed[2].mirrors == ("http://two.test/g",) and parsed[2].out == "rel/g.out"
+
+
+# A refused entry keeps its options: one BadLine per bad entry.
+
+ARIA2_FILELIST1 = (  # aria2's own input-file fixture test/filelist1.txt
+    "http://localhost/index.html\thttp://localhost2/index.html\n\nftp://localhost/aria2.tar.bz2\n"
+    "  dir=/tmp\n  out=chunky_chocolate\n"
+)
+
+
+def test_aria2_filelist1() -> None:
+    assert parse(ARIA2_FILELIST1) == [
+        Entry("http://localhost/index.html", 1, mirrors=("http://localhost2/index.html",)),
+        BadLine(3, "ftp://localhost/aria2.tar.bz2", "unsupported scheme 'ftp'", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["ftp://h/x", "garbage", "http://", "http://h:99999/x", "https://h/\x01x", "  ftp://h/indented",
+     "https://h/x out=/abs", "https://h/x ftp://m/x", "https://h/x bare", f"https://h/{'a' * MAX_LINE}",
+     f"  https://h/{'a' * MAX_LINE}"],
+    ids=lambda line: repr(line[:30]),
+)
+def test_one_bad_line_per_refused_entry(line: str) -> None:
+    text = f"{line}\n  out=a\n\n  # c\n  header=A: b\n  no equals\n  continue=1\n  out=/abs\nhttps://h/next\n  out=n\n"
+    bad, entry = parse(text)
+    assert isinstance(bad, BadLine)
+    assert bad.line == 1
+    assert entry == Entry("https://h/next", 9, "n")
+    # The options below a refused line are not read: no warnings from them either.
+    assert [w.option for w in bad.warnings] == (["<indented-url>"] if line.startswith(" ") else [])
+    assert list(parse_text(text)) == [bad, entry]
+
+
+# Lines end at "\n" (or "\r\n") only, however the list is read.
+
+LINE_ENDS_OF_SPLITLINES = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"]
+
+
+@pytest.mark.parametrize("sep", LINE_ENDS_OF_SPLITLINES, ids=ascii)
+def test_lines_end_only_at_newline(tmp_path: Path, sep: str) -> None:
+    text = (f"https://h/x\n  user-agent=Mozilla{sep}  out=elsewhere/x.bin\r\n  referer=r{sep}\n"
+            f"https://h/y{sep}  out=y\n# a comment{sep}https://h/z\n")
+    expected = list(parse_lines(text.split("\n")))  # what the enqueuer reads from these lines
+    assert list(parse_text(text)) == expected
+    for data in (text.encode(), gzip.compress(text.encode())):
+        (tmp_path / "list").write_bytes(data)
+        with open_list(tmp_path / "list") as f:
+            assert list(parse_lines(f)) == expected
+        assert list(parse_lines(text_lines(io.BytesIO(data)))) == expected
+        assert list(parse_lines(text_lines(_Trickle(data)))) == expected
+    first, second = expected
+    assert second == Entry("https://h/y", 4, "y")  # whitespace on the URL line: a same-line option
+    if sep in "\u2028\u2029\x85":
+        assert first == Entry("https://h/x", 1, user_agent=f"Mozilla{sep}  out=elsewhere/x.bin", referer="r")
+        # The queue carries Entry.to_line(); the worker reads back exactly that entry, no out=.
+        assert list(parse_text(first.to_line())) == [first]
+    else:  # a control character inside the value, where splitlines saw a line end
+        assert first == BadLine(2, f"user-agent=Mozilla{sep}  out=elsewhere/x.bin",
+                                "control characters in user-agent= (an indented line holds one option, its value "
+                                "runs to the end of the line)", "https://h/x")
+
+
+def test_line_ends_removed_by_parse_lines() -> None:
+    """"\n" or "\r\n" ends a line; a lone "\r" is part of it (a control character in a value)."""
+    assert list(parse_lines(["https://h/x\r\n", "  referer=a\rb\r\n", "https://h/y\n"])) == [
+        BadLine(2, "referer=a\rb", "control characters in referer=", "https://h/x"), Entry("https://h/y", 3)]
+    assert list(parse_text("https://h/x\r\n  referer=a\rb\r\nhttps://h/y")) == [
+        BadLine(2, "referer=a\rb", "control characters in referer=", "https://h/x"), Entry("https://h/y", 3)]
+    assert list(parse_text("")) == []
+    assert list(parse_text("https://h/x")) == [Entry("https://h/x", 1)]
+
+
+# Limits: MAX_LINE characters per line, MAX_OPTIONS options per entry.
+
+
+def test_limit_defaults() -> None:
+    assert (MAX_LINE, MAX_OPTIONS) == (65_536, 1000)
+    url = "https://h/" + "a" * (MAX_LINE - 10)
+    assert parse(f"{url}\r\n") == [Entry(url, 1)]  # the line end is not counted
+    [bad] = parse(f"{url}a\n")
+    assert bad == BadLine(1, f"{url[:100]}...", "line of 65,537 characters is over the 65,536 limit", None)
+    headers = "".join(f"  header=H{i}: v\n" for i in range(MAX_OPTIONS))
+    [entry] = parse(f"https://h/x\n{headers}")
+    assert isinstance(entry, Entry) and len(entry.headers) == MAX_OPTIONS
+    [bad] = parse(f"https://h/x out=o\n{headers}")
+    assert bad == BadLine(MAX_OPTIONS + 1, "header=H999: v", "entry of 1,001 options is over the 1,000 limit",
+                          "https://h/x")
+
+
+def test_line_limit() -> None:
+    def run(text: str) -> list[Entry | BadLine]:
+        result = list(parse_text(text, max_line=20))
+        assert list(parse_lines(text.splitlines(True), max_line=20)) == result
+        return result
+
+    over = "line of 21 characters is over the 20 limit"
+    at_limit, one_over = "https://h/" + "a" * 10, "https://h/" + "b" * 11
+    assert run(f"{at_limit}\r\n  out=x\n") == [Entry(at_limit, 1, "x")]
+    # an over-long URL line: refused with its options, the list goes on
+    assert run(f"{one_over}\n  out=x\n  {'o' * 30}\nhttps://h/c\n") == [
+        BadLine(1, f"{one_over[:20]}...", over, None), Entry("https://h/c", 4)]
+    # an over-long option line refuses its entry
+    assert run(f"https://h/a\n  out=x\n  header=X: {'v' * 9}\n  out=y\nhttps://h/c\n") == [
+        BadLine(3, "header=X: vvvvvvvv...", over, "https://h/a"), Entry("https://h/c", 5)]
+    # an over-long line that holds only spaces as far as it is read: not blank
+    assert run(f"https://h/a\n{' ' * 21}\nhttps://h/c\n") == [
+        BadLine(2, "...", over, "https://h/a"), Entry("https://h/c", 3)]
+    assert run(f"  {'o' * 19}\n  out=x\nhttps://h/c\n") == [
+        BadLine(1, f"{'o' * 18}...", "option without a URL above it", None), Entry("https://h/c", 3)]
+    # a comment is ignored whatever its length
+    assert run(f"# {'c' * 100}\nhttps://h/a\n  # {'c' * 100}\n  out=x\n") == [Entry("https://h/a", 2, "x")]
+
+
+def test_options_limit() -> None:
+    def run(text: str) -> list[Entry | BadLine]:
+        return list(parse_text(text, max_options=3))
+
+    three = "https://h/a header=A:1 header=B:2\n  header=C: 3\n"
+    assert run(three) == [Entry("https://h/a", 1, headers=(("A", "1"), ("B", "2"), ("C", "3")))]
+    # counted: same-line options and option lines, one without "=" too (not blank lines, comments, mirrors)
+    assert run(f"{three}  header=D: 4\n\n  # c\n  no equals\n  header=E: 5\nhttps://h/b\n") == [
+        BadLine(3, "header=D: 4", "entry of 6 options is over the 3 limit", "https://h/a"), Entry("https://h/b", 8)]
+    assert run("https://h/a header=A:1 header=B:2 header=C:3 https://m/a header=D:4\n") == [
+        BadLine(1, "https://h/a header=A:1 header=B:2 header=C:3 https://m/a header=D:4",
+                "entry of 4 options is over the 3 limit", "https://h/a")]
+    # the first problem is the one reported
+    assert run("https://h/a\n  out=/x\n  a=1\n  b=2\n  c=3\n") == [
+        BadLine(2, "out=/x", "out= must be a relative path inside the store (absolute path)", "https://h/a")]
+    [bad] = run("https://h/a\n  continue=1\n  foo=1\n  bar=1\n  baz=1\n  qux=1\n")
+    assert [w.option for w in bad.warnings] == ["continue", "foo", "bar"]  # none kept past the limit
+
+
+def test_what_is_accepted_reads_back_under_the_same_limit() -> None:
+    """The queue carries Entry.to_line(): the worker, with the enqueuer's limits, reads back the same entry.
+    An entry that to_line would write with a line over the limit (dir= and out= joined, "  " and ": "
+    added) is refused when the list is read, not later by the worker."""
+    text = (f"https://h/a\n  dir={'d' * 20}\n  out={'o' * 20}\n"
+            f"https://h/b\n header=A:{'v' * 19}\n"
+            "https://h/c\n  out=x\n")
+    assert list(parse_text(text, max_line=30)) == [
+        BadLine(1, "https://h/a", "written back (the queue, failed.txt), a line of 47 characters is over the 30 "
+                "limit", "https://h/a"),
+        BadLine(4, "https://h/b", "written back (the queue, failed.txt), a line of 31 characters is over the 30 "
+                "limit", "https://h/b"),
+        Entry("https://h/c", 6, "x"),
+    ]
+    for n in range(30):
+        text = (f"https://h/{'u' * n} https://m/\n dir={'d' * n}\n out={'o' * n}\n"
+                f"https://h/x\n header=A:{'v' * n}\n referer={'r' * n}\n user-agent={'a' * n}\n\tsplit=01\n")
+        for entry in parse_text(text, max_line=30):
+            if isinstance(entry, Entry):
+                assert list(parse_text(entry.to_line(), max_line=30)) == [dataclasses.replace(entry, line=1)]
+
+
+def _limit_cases(limit: int) -> str:
+    url = "https://h/"
+    lines = [
+        url + "a" * (limit - 10) + "\n",  # at the limit
+        url + "b" * (limit - 10) + "\r\n",  # at the limit: the reader reads limit+1, cutting "\r\n"
+        url + "c" * (limit - 9) + "\n",  # one over
+        "  out=" + "o" * (limit - 5) + "\r\n",  # an over-long option of the refused entry above
+        url + "d\n",
+        "  out=" + "o" * (limit - 5) + "\n",  # an option over the limit refuses the entry
+        url + "e\n",
+        # read on by 64 KiB chunks: a "\r\n" across two of them, and near their ends
+        *(url + "f" * (limit - 10 + 65_536 + n) + "\r\n" for n in range(-2, 3)),
+        "\ufeff" + url + "g" * 300_000 + "\n",  # a BOM is no BOM after the first line
+        url + "h" * (limit + 1),  # over, at the end without a line end
+    ]
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("limit", [16, 200])
+@pytest.mark.parametrize("compress", [False, True])
+def test_readers_cut_long_lines_as_parse_text_does(tmp_path: Path, limit: int, compress: bool) -> None:
+    text = _limit_cases(limit)
+    expected = list(parse_text(text, max_line=limit))
+
+    def over(length: int) -> str:
+        return f"line of {length:,} characters is over the {limit:,} limit"
+
+    assert [(r.line, r.reason if isinstance(r, BadLine) else "") for r in expected] == [
+        (1, ""), (2, ""), (3, over(limit + 1)), (6, over(limit + 1)), (7, ""),
+        *((8 + i, over(limit + 65_536 + n)) for i, n in enumerate(range(-2, 3))),
+        (13, over(300_011)), (14, over(limit + 11)),
+    ]
+    data = gzip.compress(text.encode()) if compress else text.encode()
+    (tmp_path / "list").write_bytes(data)
+    with open_list(tmp_path / "list", max_line=limit) as f:
+        assert list(parse_lines(f, max_line=limit)) == expected
+    for stream in (io.BytesIO(data), io.BufferedReader(io.BytesIO(data), 7)):
+        assert list(parse_lines(text_lines(stream, max_line=limit), max_line=limit)) == expected
+
+
+_MEASURE = """
+import json, sys, tracemalloc
+from fetcher.listing.urllist import open_list, parse_lines, text_lines
+
+def header_lines(n):
+    yield "https://h/a\\n"
+    for _ in range(n):
+        yield "  header=Authorization: Bearer x\\n"
+    yield "https://h/b\\n"
+
+tracemalloc.start()
+source = sys.argv[1]
+if source == "-":
+    records = list(parse_lines(text_lines(sys.stdin.buffer)))
+elif source.isdigit():
+    records = list(parse_lines(header_lines(int(source))))
+else:
+    with open_list(source) as f:
+        records = list(parse_lines(f))
+peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps([peak, [[type(r).__name__, r.line, r.url, getattr(r, "reason", "")] for r in records]]))
+"""
+
+
+def _measure(source: str, stdin: Path | None = None) -> tuple[int, list[list[object]]]:
+    """Peak traced memory (bytes) of parsing a list in a fresh interpreter, and what came out."""
+    with open(stdin or os.devnull, "rb") as f:
+        out = subprocess.run([sys.executable, "-c", _MEASURE, source], stdin=f, capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout
+    peak, records = json.loads(out)
+    return peak, records
+
+
+@pytest.fixture(scope="module")
+def huge_line_lists(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    """A 50 MiB URL line with an option, then an entry: plain and gzip."""
+    data = b"https://h/" + b"a" * (50 * 2**20 - 10) + b"\n  out=x\nhttps://h/next\n"
+    paths = {}
+    for compress in (False, True):
+        paths[compress] = tmp_path_factory.mktemp("huge") / ("list.gz" if compress else "list")
+        paths[compress].write_bytes(gzip.compress(data, 1) if compress else data)
+    return paths
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("via", ["open_list", "text_lines"])
+def test_huge_line_memory_bounded(huge_line_lists: dict[bool, Path], compress: bool, via: str) -> None:
+    path = huge_line_lists[compress]
+    peak, records = _measure("-", path) if via == "text_lines" else _measure(str(path))
+    assert records == [["BadLine", 1, None, "line of 52,428,800 characters is over the 65,536 limit"],
+                       ["Entry", 3, "https://h/next", ""]]
+    print(f"peak {peak:,} bytes for a 52,428,800-character line ({via}, gzip={compress})")
+    assert peak < 2 * 2**20  # the line is 50 MiB
+
+
+@pytest.mark.parametrize("n", [250_000, pytest.param(4_000_000, marks=pytest.mark.slow)])
+def test_option_lines_memory_bounded(n: int) -> None:
+    peak, records = _measure(str(n))
+    assert records == [["BadLine", 1002, "https://h/a", f"entry of {n:,} options is over the 1,000 limit"],
+                       ["Entry", n + 2, "https://h/b", ""]]
+    print(f"peak {peak:,} bytes for {n:,} header= lines")
+    assert peak < 2**20

@@ -5,7 +5,7 @@
     scrapy enqueue redis://host:6379/0 https://host/list.txt
     scrapy enqueue redis://host:6379/0 package:example.txt
 
-The list is read as the fetch spider reads it (fetcher/sources.py): a list URL
+The list is read as the fetch spider reads it (fetcher/listing/sources.py): a list URL
 is fetched to a temporary file first, retried as every transfer is.
 
 The list is read lazily and sent in batches, so millions of URLs take seconds
@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from fetcher.queue import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
-from fetcher.records import StoredRecord, new_run_id, utc_now
+from fetcher.config import Config
+from fetcher.exceptions import StartupError
+from fetcher.queue.stream import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
+from fetcher.store.records import StoredRecord, new_run_id, utc_now
 from fetcher.redact import safe_line
-from fetcher.retry import Retrier
-from fetcher.sources import ListFetchFailed, ListUnavailable, ListWarnings, check_source, entries_of, local_copy
-from fetcher.urllist import BadLine, Entry
+from fetcher.transfer.retry import Retrier
+from fetcher.listing.sources import ListFetchFailed, ListUnavailable, ListWarnings, check_source, entries_of, local_copy
+from fetcher.listing.urllist import BadLine, Entry
 
 if TYPE_CHECKING:
     import argparse
@@ -65,11 +67,17 @@ class Command(ScrapyCommand):
         except ValueError as exc:
             raise UsageError(str(exc), print_help=False) from exc
         assert self.settings is not None
+        try:
+            config = Config.from_settings(self.settings)
+        except StartupError as exc:
+            logger.error("Cannot start: %s", exc)
+            self.exitcode = 1
+            return
         queue = RedisQueue(url)
         counter = _Counter(queue, new_run_id())
         try:
             queue.check()
-            added, duplicates = asyncio.run(self._enqueue(queue, counter, source))
+            added, duplicates = asyncio.run(self._enqueue(queue, counter, source, config))
         except QueueUnavailable as exc:
             logger.error("Cannot use the queue: %s", exc)
             self.exitcode = 1
@@ -85,13 +93,14 @@ class Command(ScrapyCommand):
         if counter.bad:
             self.exitcode = 1
 
-    async def _enqueue(self, queue: RedisQueue, counter: _Counter, source: str) -> tuple[int, int]:
-        """Read the list as the fetch spider reads it (fetcher.sources) and send it in batches."""
+    async def _enqueue(self, queue: RedisQueue, counter: _Counter, source: str, config: Config) -> tuple[int, int]:
+        """Read the list as the fetch spider reads it (fetcher.listing.sources) and send it in batches."""
         assert self.settings is not None
         retrier = Retrier.from_settings(self.settings)
         fetch = functools.partial(_fetch, retry_codes=retrier.policy.http_codes)
         async with local_copy(source, fetch, retrier) as path:
-            return await asyncio.to_thread(queue.enqueue, counter.entries(entries_of(path)))
+            entries = entries_of(path, max_line=config.max_line, max_options=config.max_options)
+            return await asyncio.to_thread(queue.enqueue, counter.entries(entries))
 
 
 class _Counter:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from fetcher.queue import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
-from fetcher.records import MANIFEST_FIELDS
+from fetcher.queue.stream import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
+from fetcher.store.records import MANIFEST_FIELDS
 
 if TYPE_CHECKING:
     import argparse

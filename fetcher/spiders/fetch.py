@@ -34,11 +34,11 @@ from fetcher.config import Config
 from fetcher.contract import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.pipelines import StreamingFilesPipeline
-from fetcher.queue import QueueUnavailable, is_queue_url, parse_queue_url
-from fetcher.queue_worker import QueueWorker
+from fetcher.queue.stream import QueueUnavailable, is_queue_url, parse_queue_url
+from fetcher.queue.worker import QueueWorker
 from fetcher.redact import safe_line, safe_url
-from fetcher.retry import Retrier
-from fetcher.sources import (
+from fetcher.transfer.retry import Retrier
+from fetcher.listing.sources import (
     ListFetchFailed,
     ListUnavailable,
     ListWarnings,
@@ -47,8 +47,8 @@ from fetcher.sources import (
     local_copy,
     read_entries,
 )
-from fetcher.urllist import BadLine, Entry, parse_inline
-from fetcher.writer import HashingWriter
+from fetcher.listing.urllist import BadLine, Entry, parse_inline
+from fetcher.store.writer import HashingWriter
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -207,7 +207,8 @@ class FetchSpider(Spider):
         async with local_copy(self.list_source, self._fetch_list, self.retrier) as path:
             if path is not None:
                 self._count_ahead(path)
-            async for e in read_entries(path):
+            config = Config.of(self.crawler)
+            async for e in read_entries(path, max_line=config.max_line, max_options=config.max_options):
                 yield e
 
     def _count_ahead(self, path: Path) -> None:
@@ -216,10 +217,11 @@ class FetchSpider(Spider):
         not wait for it. Standard input cannot be read twice: it shows what is known."""
         loop = asyncio.get_running_loop()
         stats = self.crawler.stats
+        max_line = Config.of(self.crawler).max_line
 
         def count() -> None:
             with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: the loop closed
-                n = count_entries(path)
+                n = count_entries(path, max_line=max_line)
                 loop.call_soon_threadsafe(stats.set_value, "fetcher/list_counted", n)
 
         threading.Thread(target=count, name="fetcher-list-count", daemon=True).start()

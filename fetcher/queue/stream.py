@@ -71,6 +71,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from fetcher.redact import safe_line
+
 if TYPE_CHECKING:
     import redis
 
@@ -168,6 +170,20 @@ def parse_queue_url(url: str) -> tuple[dict[str, Any], str]:
     if scheme == "rediss":
         kwargs["ssl"] = True
     return kwargs, names[0]
+
+
+def _utf8(text: str) -> bool:
+    """Whether *text* came from valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """*text* fit for a record and a log line: undecodable bytes shown as ``\\xff``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _utc_now() -> str:
@@ -340,6 +356,9 @@ class RedisQueue:
             socket_timeout=socket_timeout,
             socket_connect_timeout=min(socket_timeout, 5.0),
             decode_responses=True,
+            # Bytes that are not UTF-8 (an entry another client wrote) decode to lone surrogates
+            # instead of raising in every worker that takes the entry; they are dead-lettered.
+            encoding_errors="surrogateescape",
             protocol=2,
             # A blip is retried twice at once; longer outages are the caller's to handle.
             retry=_redis().retry.Retry(_redis().backoff.ExponentialBackoff(cap=0.5, base=0.1), 2),
@@ -370,32 +389,35 @@ class RedisQueue:
     # -- errors ------------------------------------------------------------
 
     def _fail(self, exc: redis.RedisError) -> NoReturn:
-        text = str(exc)
-        upper = text.upper()
-        if isinstance(exc, _redis().AuthenticationError) or "WRONGPASS" in upper or "INVALID PASSWORD" in upper:
-            if "REQUIRED" in upper or "NOAUTH" in upper:
-                message = (f"Redis at {self._where} requires a password: "
-                           "give it in the queue URL, redis://:PASSWORD@host:port/db")
-            elif "WITHOUT ANY PASSWORD" in upper:
-                message = f"Redis at {self._where} has no password set, but the queue URL gives one"
-            else:
-                message = f"Redis at {self._where} refused the password (or user) of the queue URL"
-        elif "NOAUTH" in upper:
-            message = (f"Redis at {self._where} requires a password: "
-                       "give it in the queue URL, redis://:PASSWORD@host:port/db")
-        elif "NOPERM" in upper:
-            message = f"the Redis user of the queue URL may not use the queue at {self._where}: {text}"
-        elif isinstance(exc, _redis().TimeoutError):
-            message = f"Redis at {self._where} did not answer within {self.socket_timeout:g} s: {text}"
-        elif isinstance(exc, _redis().ConnectionError):
-            message = f"cannot reach Redis at {self._where}: {text}"
-        elif "UNKNOWN COMMAND" in upper or "UNKNOWN SUBCOMMAND" in upper:
-            message = f"Redis at {self._where} is too old for the queue (7.0 or later needed): {text}"
-        else:
-            message = f"Redis at {self._where} refused a queue command: {text}"
+        message = self._explain(exc)
         if self._password:
             message = message.replace(self._password, "***")
         raise QueueUnavailable(message) from exc
+
+    def _explain(self, exc: redis.RedisError) -> str:
+        """What a Redis error means for the person running the queue, in one line."""
+        text, where = str(exc), self._where
+        upper = text.upper()
+        needs_password = (f"Redis at {where} requires a password: "
+                          "give it in the queue URL, redis://:PASSWORD@host:port/db")
+        refused = isinstance(exc, _redis().AuthenticationError) or "WRONGPASS" in upper or "INVALID PASSWORD" in upper
+        if refused and ("REQUIRED" in upper or "NOAUTH" in upper):
+            return needs_password
+        if refused and "WITHOUT ANY PASSWORD" in upper:
+            return f"Redis at {where} has no password set, but the queue URL gives one"
+        if refused:
+            return f"Redis at {where} refused the password (or user) of the queue URL"
+        if "NOAUTH" in upper:
+            return needs_password
+        if "NOPERM" in upper:
+            return f"the Redis user of the queue URL may not use the queue at {where}: {text}"
+        if isinstance(exc, _redis().TimeoutError):
+            return f"Redis at {where} did not answer within {self.socket_timeout:g} s: {text}"
+        if isinstance(exc, _redis().ConnectionError):
+            return f"cannot reach Redis at {where}: {text}"
+        if "UNKNOWN COMMAND" in upper or "UNKNOWN SUBCOMMAND" in upper:
+            return f"Redis at {where} is too old for the queue (7.0 or later needed): {text}"
+        return f"Redis at {where} refused a queue command: {text}"
 
     def _call(self, fn: Callable[[], _T]) -> _T:
         try:
@@ -539,24 +561,28 @@ class RedisQueue:
             logger.warning("queue %s: dropping stream entry %s without a URL", self.name, entry_id)
             self._call(lambda: self._ack(entry_id))
             return None
+        if not (_utf8(url) and _utf8(fields.get("t") or "")):
+            self._dead_letter(entry_id, fields, count, why="the entry is not valid UTF-8")
+            return None
         with self._lock:
             self._held.add(entry_id)
         return Delivery(id=entry_id, url=url, text=fields.get("t") or url, deliveries=count)
 
-    def _dead_letter(self, entry_id: str, fields: dict[str, str], times: int) -> None:
+    def _dead_letter(self, entry_id: str, fields: dict[str, str], times: int, why: str | None = None) -> None:
+        """Take the entry out of the queue for good, with a failed record (and in the dead set)."""
         url = fields.get("u")
         if not url:
             self._call(lambda: self._ack(entry_id))
             return
+        why = why or f"delivered {times} times without an acknowledgement (a worker died on it each time)"
+        shown = safe_line(_printable(url))
         record = {
-            "url": url, "status": "failed", "path": None, "size": None, "checksum": None,
-            "algorithm": None, "http_status": None, "attempts": times,
-            "error": (f"dead-lettered: delivered {times} times without an acknowledgement "
-                      "(a worker died on it each time)"),
+            "url": shown, "status": "failed", "path": None, "size": None, "checksum": None,
+            "algorithm": None, "http_status": None, "attempts": times, "error": f"dead-lettered: {why}",
             "note": None, "mirror": None, "run": None, "finished_at": _utc_now(),
-            "entry": fields.get("t") or url,
+            "entry": safe_line(_printable(fields.get("t") or url)),
         }
-        logger.warning("queue %s: dead-lettered %s after %d deliveries without an ack", self.name, url, times)
+        logger.warning("queue %s: dead-lettered %s: %s", self.name, shown, why)
 
         def run() -> None:
             with self._redis.pipeline(transaction=True) as pipe:

@@ -11,7 +11,7 @@ It reads the same settings, and the same request meta, as
 * ``RETRY_EXCEPTIONS``: errors worth another attempt;
 * request meta ``max_retry_times`` (wins over RETRY_TIMES) and ``dont_retry``;
 * how long to wait: ``FETCHER_BACKOFF_BASE``, ``FETCHER_BACKOFF_MAX``,
-  ``FETCHER_RETRY_AFTER_MAX`` (fetcher/backoff.py).
+  ``FETCHER_RETRY_AFTER_MAX`` (fetcher/transfer/backoff.py).
 
 Each error names its own short reason (the summary groups failures by it) with
 a ``reason`` class attribute; :meth:`RetryPolicy.classify` is the one place that
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
 
-    from fetcher.backoff import Backoff
+    from fetcher.transfer.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 

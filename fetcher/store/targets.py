@@ -29,7 +29,7 @@ from scrapy.pipelines.files import FSFilesStore, FTPFilesStore, GCSFilesStore, S
 from scrapy.utils.ftp import ftp_makedirs_cwd
 
 from fetcher.exceptions import StartupError
-from fetcher.naming import resolve_in_store
+from fetcher.store.naming import resolve_in_store
 from fetcher.redact import safe_url
 
 if TYPE_CHECKING:

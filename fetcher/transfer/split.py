@@ -2,7 +2,7 @@
 
 Each range is a transfer of its own through the download handler (so each
 counts in CONCURRENT_REQUESTS and in its host's limit), written in place in the
-shared ``.part`` (fetcher.segments), retried from where it stopped through the
+shared ``.part`` (fetcher.transfer.segments), retried from where it stopped through the
 one retry helper (its attempts counted per segment), and resumable in a later
 run. The file's digest is that of the whole ``.part`` once every range is in.
 """
@@ -15,17 +15,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fetcher.contract import STREAMED_FLAG
-from fetcher.retry import Action, Attempt, AttemptFailed
-from fetcher.segments import Segment, SegmentSink, SegmentState
-from fetcher.writer import Validators
+from fetcher.transfer.retry import Action, Attempt, AttemptFailed
+from fetcher.transfer.segments import Segment, SegmentSink, SegmentState
+from fetcher.store.writer import Validators
 
 if TYPE_CHECKING:
     from scrapy.http import Request, Response
 
     from fetcher.contract import Sink
     from fetcher.items import FileRecord
-    from fetcher.retry import Retrier
-    from fetcher.writer import HashingWriter
+    from fetcher.transfer.retry import Retrier
+    from fetcher.store.writer import HashingWriter
 
 Download = Callable[["Request", str, "Sink", dict[str, str]], Awaitable["Response"]]
 Head = Callable[["Request"], Awaitable["Response"]]

@@ -19,7 +19,7 @@ from twisted.web.http import PotentialDataLoss
 
 from fetcher.exceptions import ConnectionLost, StallTimeoutError
 from fetcher.redact import safe_url
-from fetcher.writer import FileTooLarge
+from fetcher.store.writer import FileTooLarge
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from fetcher.contract import Sink
-    from fetcher.ratelimit import TokenBucket
+    from fetcher.transfer.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The fetch spider's side of a shared queue (fetcher.queue).
+"""The fetch spider's side of a shared queue (fetcher.queue.stream).
 
 A worker takes entries as it has room, keeps their leases alive while they
 download, and acknowledges each only after its record is in the store and in
@@ -14,12 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fetcher.queue import QueueUnavailable, RedisQueue
-from fetcher.urllist import BadLine, Entry, parse_lines
+from fetcher.queue.stream import QueueUnavailable, RedisQueue
+from fetcher.listing.urllist import BadLine, Entry, parse_text
 
 if TYPE_CHECKING:
     from fetcher.config import Config
-    from fetcher.queue import Delivery
+    from fetcher.queue.stream import Delivery
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class QueueWorker:
         self.idle = config.queue_idle
         self.queue = RedisQueue(url, lease=self.lease, max_deliveries=config.queue_max_deliveries)
         self.lookup = lookup
+        self.max_line, self.max_options = config.max_line, config.max_options
         self.lost = False
         self._taken: dict[str, list[str]] = {}  # URL -> ids of the deliveries it answers
         self._acks: set[asyncio.Task[None]] = set()
@@ -72,8 +73,8 @@ class QueueWorker:
             heart.cancel()
 
     def _parse(self, delivery: Delivery) -> Entry | BadLine:
-        """One queue entry: a URL line and its options, as ``scrapy enqueue`` accepted them."""
-        parsed = [e for e in parse_lines(delivery.text.splitlines()) if isinstance(e, Entry | BadLine)]
+        """One queue entry: a URL line and its options, read exactly as ``scrapy enqueue`` read them."""
+        parsed = list(parse_text(delivery.text, max_line=self.max_line, max_options=self.max_options))
         first = parsed[0] if parsed else BadLine(0, delivery.text, "empty queue entry", delivery.url)
         url = first.url if isinstance(first, Entry) else (first.url or first.text)
         self._taken.setdefault(url, []).append(delivery.id)

@@ -23,7 +23,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fetcher.config import Config
-from fetcher.ratelimit import TokenBucket
+from fetcher.transfer.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from scrapy import Request

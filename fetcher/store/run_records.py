@@ -1,4 +1,4 @@
-"""One run's side of the store's records (fetcher.records): opened at start, each
+"""One run's side of the store's records (fetcher.store.records): opened at start, each
 URL's end recorded as it comes, and at the end the manifest compacted, failed.txt
 written with the rerun hint, and a remote store's manifest uploaded.
 
@@ -22,8 +22,8 @@ from fetcher import signals
 from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
 from fetcher.items import BAD_LINE
-from fetcher.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
-from fetcher.stores import RemoteTarget, Target
+from fetcher.store.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
+from fetcher.store.targets import RemoteTarget, Target
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler

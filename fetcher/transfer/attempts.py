@@ -17,15 +17,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from fetcher.backoff import retry_after_seconds
+from fetcher.transfer.backoff import retry_after_seconds
 from fetcher.contract import CACHED_FLAG, DATALOSS_FLAG, SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
 from fetcher.items import FileRecord
-from fetcher.naming import INDEX_NAME
+from fetcher.store.naming import INDEX_NAME
 from fetcher.redact import safe_url
-from fetcher.retry import Action, Attempt, AttemptFailed, reason_of
-from fetcher.split import SplitDownload
-from fetcher.stores import LocalTarget, RemoteTarget, Target
-from fetcher.writer import BodyError, HashingWriter, Validators
+from fetcher.transfer.retry import Action, Attempt, AttemptFailed, reason_of
+from fetcher.transfer.split import SplitDownload
+from fetcher.store.targets import LocalTarget, RemoteTarget, Target
+from fetcher.store.writer import BodyError, HashingWriter, Validators
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 
     from fetcher.config import Config
     from fetcher.contract import Sink
-    from fetcher.freshness import Freshness
-    from fetcher.retry import Retrier
-    from fetcher.urllist import Entry
+    from fetcher.store.freshness import Freshness
+    from fetcher.transfer.retry import Retrier
+    from fetcher.listing.urllist import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class _FileTransfer:
         return record
 
     async def _split(self, conditional: dict[str, str]) -> bool:
-        """aria2's ``split=``: True when the file came as ranges (see fetcher.segments)."""
+        """aria2's ``split=``: True when the file came as ranges (see fetcher.transfer.segments)."""
         split = self.entry.split or self.config.split
         if split < 2 or conditional or self.request.url != self.entry.url:
             return False

@@ -21,9 +21,9 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from fetcher.retry import AttemptFailed
-from fetcher.stores import RemoteObject, RemoteTarget, Target
-from fetcher.writer import hash_file
+from fetcher.transfer.retry import AttemptFailed
+from fetcher.store.targets import RemoteObject, RemoteTarget, Target
+from fetcher.store.writer import hash_file
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from scrapy.http import Response
 
     from fetcher.items import FileRecord
-    from fetcher.records import RecordStore, StoredRecord
+    from fetcher.store.records import RecordStore, StoredRecord
 
 logger = logging.getLogger(__name__)
 

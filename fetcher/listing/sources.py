@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import pkgutil
 import queue
@@ -24,10 +25,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fetcher.naming import safe_relpath
+from fetcher.store.naming import safe_relpath
 from fetcher.redact import safe_url
-from fetcher.retry import AttemptFailed, Retrier
-from fetcher.urllist import BadLine, Entry, ListWarning, open_list, parse_lines, text_lines
+from fetcher.transfer.retry import AttemptFailed, Retrier
+from fetcher.listing.urllist import BadLine, Entry, ListWarning, open_list, parse_lines, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -115,29 +116,32 @@ async def download(url: str, dest: Path, fetch: Fetch, retrier: Retrier) -> None
             retries += 1
 
 
-def entries_of(path: Path | None) -> Iterator[Entry | BadLine]:
+def entries_of(path: Path | None, *, max_line: int, max_options: int) -> Iterator[Entry | BadLine]:
     """The entries of a list file, or of standard input when *path* is None (UTF-8
-    whatever the locale, undecodable bytes replaced, as in a list file)."""
+    whatever the locale, undecodable bytes replaced, as in a list file). A line over
+    *max_line* characters, or an entry of over *max_options* options, is a bad line."""
     if path is None:
-        yield from parse_lines(text_lines(sys.stdin.buffer))
+        yield from parse_lines(text_lines(sys.stdin.buffer, max_line=max_line), max_line=max_line,
+                               max_options=max_options)
         return
     try:
-        with open_list(path) as f:
-            yield from parse_lines(f)
+        with open_list(path, max_line=max_line) as f:
+            yield from parse_lines(f, max_line=max_line, max_options=max_options)
     except OSError as exc:  # unreadable, or a damaged gzip
         raise ListUnavailable(f"cannot read the list {path}: {exc.strerror or exc}") from exc
 
 
-def count_entries(path: Path) -> int:
+def count_entries(path: Path, *, max_line: int) -> int:
     """How many URL lines a list file has (for a progress total), without parsing it."""
-    with open_list(path) as f:
+    with open_list(path, max_line=max_line) as f:
         return sum(1 for line in f if line.strip() and not line.startswith((" ", "\t", "#", "\ufeff#")))
 
 
-async def read_entries(path: Path | None) -> AsyncIterator[Entry | BadLine]:
+async def read_entries(path: Path | None, *, max_line: int, max_options: int) -> AsyncIterator[Entry | BadLine]:
     """:func:`entries_of` from a thread: a file in batches, standard input line by line
     (a pipe still being written: no line waits for the next)."""
-    async for entry in in_thread(lambda: entries_of(path), batch=1 if path is None else _BATCH):
+    entries = functools.partial(entries_of, path, max_line=max_line, max_options=max_options)
+    async for entry in in_thread(entries, batch=1 if path is None else _BATCH):
         yield entry
 
 

@@ -35,7 +35,7 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 class BodyError(Exception):
     """A body that must not be kept. Each kind says whether trying again can help
     (``retryable``), whether the bytes kept so far can still be continued
-    (``keeps_part``), and its short ``reason`` (fetcher/retry.py reads all three)."""
+    (``keeps_part``), and its short ``reason`` (fetcher/transfer/retry.py reads all three)."""
 
     retryable = False
     keeps_part = True

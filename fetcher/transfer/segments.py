@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fetcher.writer import (
+from fetcher.store.writer import (
     PART_SUFFIX,
     BodyError,
     LengthMismatch,

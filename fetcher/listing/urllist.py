@@ -66,14 +66,29 @@ unknown option name that is a hashlib algorithm fetcher cannot use
 (``shake_128``) or whose value is a digest (32 or more hex digits: a
 checksum fetcher would otherwise silently not check), a malformed
 ``header=``, a bad ``split=``, control characters in a value, and on the
-URL line a token without "=". The first problem of an entry is reported.
+URL line a token without "=". The first problem of an entry is reported,
+once: a refused URL line keeps the option lines below it (they are not read).
+
+Limits, that no real list meets, so that a damaged or hostile list cannot
+take the memory: a line of more than MAX_LINE characters (its line end not
+counted) and an entry of more than MAX_OPTIONS options (option lines and
+same-line options) are refused, the rest of the list read on; each is a
+keyword argument of the functions below. A comment is ignored whatever its
+length. A list's length has no limit. An entry that Entry.to_line would
+write back with a line over the limit (``dir=`` and ``out=`` joined) is
+refused too: the queue and failed.txt carry to_line's text, and what was
+accepted must read back the same under the same limits.
 
 Parsing is lazy and line-numbered: lists can have millions of lines, and a
 bad line is reported (BadLine) without stopping the rest. BadLine.where and
 Entry.where read "line N", or "URL N" for parse_inline results.
 
-open_list and text_lines read a list as UTF-8 (undecodable bytes replaced),
-gzip-compressed or not.
+Lines end at "\\n" (or "\\r\\n") only, wherever a list is read (open_list,
+text_lines, parse_text): a lone "\\r", U+2028, "\\x85" and the other ends
+str.splitlines knows are inside a line, so that the queue worker reads an
+entry's text exactly as the enqueuer read its lines. open_list and
+text_lines read a list as UTF-8 (undecodable bytes replaced), gzip-compressed
+or not, and never hold an over-long line whole.
 """
 
 from __future__ import annotations
@@ -89,7 +104,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO, TextIO, TypeVar
 
-from fetcher.naming import safe_relpath, url_to_path
+from fetcher.store.naming import safe_relpath, url_to_path
 
 _BOM = "\ufeff"
 _INDENT = (" ", "\t")
@@ -145,6 +160,10 @@ _ARIA2_ONLY = frozenset(
 _KNOWN = _IMPLEMENTED | _ARIA2_ONLY | _ALGORITHMS
 _CHECKSUM = "checksum"  # the one option all checksum spellings count as
 _ORPHAN = "option without a URL above it"
+MAX_LINE = 64 * 1024  # characters: a presigned URL or a JWT header= is a few KiB
+MAX_OPTIONS = 1000  # per entry
+_PREVIEW = 100  # characters of an over-long line shown in its BadLine (at most the limit)
+_CHUNK = 64 * 1024  # characters read at a time of an over-long line, and dropped
 _ONE_PER_LINE = "an indented line holds one option, its value runs to the end of the line"
 NO_EQUALS = "<no-equals>"
 INDENTED_URL = "<indented-url>"
@@ -343,13 +362,25 @@ def _parse_split(value: str) -> int:
     return int(value)
 
 
+def _too_long(length: int, limit: int) -> str:
+    """Why a line is refused, saying its length: it is not shown whole."""
+    return f"line of {length:,} characters is over the {limit:,} limit"
+
+
+def _cut(text: str) -> str:
+    """The start of a long line, enough to find it in the list."""
+    return text if len(text) <= _PREVIEW else f"{text[:_PREVIEW]}..."
+
+
 class _Pending:
     """The entry being read: its URL line, options so far, first problem."""
 
     __slots__ = ("url", "line", "text", "mirrors", "out", "dir", "checksum", "headers", "referer",
-                 "user_agent", "split", "seen", "warnings", "problem")
+                 "user_agent", "split", "seen", "warnings", "problem", "max_line", "max_options", "options",
+                 "too_many")
 
-    def __init__(self, url: str, line: int, text: str, warnings: list[ListWarning]) -> None:
+    def __init__(self, url: str, line: int, text: str, warnings: list[ListWarning], *, max_line: int,
+                 max_options: int, problem: BadLine | None = None) -> None:
         self.url = url
         self.line = line
         self.text = text
@@ -363,7 +394,37 @@ class _Pending:
         self.split: int | None = None
         self.seen: set[str] = set()
         self.warnings = warnings
-        self.problem: BadLine | None = None
+        self.problem = problem
+        self.max_line = max_line
+        self.max_options = max_options
+        self.options = 0  # counted on after a problem, to say how many there were
+        self.too_many = False
+
+    @classmethod
+    def start(cls, text: str, line: int, *, indented: bool, too_long: str | None, max_line: int,
+              max_options: int) -> _Pending:
+        """The entry a URL line (stripped) begins. A refused line begins a refused
+        entry all the same, so that the option lines below it stay its own."""
+        warnings: list[ListWarning] = []
+        if indented:
+            warnings.append(ListWarning(line, INDENTED_URL, "URL on an indented line (aria2 would read the "
+                                        "line as an option); fetched as an entry of its own"))
+        url, *tokens = [""] if too_long is not None else text.split()
+        problem = too_long or _url_problem(url)
+        pending = cls(url, line, text, warnings, max_line=max_line, max_options=max_options,
+                      problem=None if problem is None else BadLine(line, text, problem, None))
+        for token in tokens:  # not read when the URL is refused
+            pending.add_token(token)
+        return pending
+
+    def _counted(self, line: int, text: str) -> bool:
+        """Count one more option: False once the entry has failed, so that it
+        keeps nothing more (millions of option lines must not take memory)."""
+        self.options += 1
+        if self.options > self.max_options and self.problem is None:
+            self.problem = BadLine(line, _cut(text), "", self.url)  # the reason, with the count, at finish
+            self.too_many = True
+        return self.problem is None
 
     def _fail(self, line: int, text: str, reason: str) -> None:
         if self.problem is None:
@@ -376,12 +437,14 @@ class _Pending:
         """One whitespace-separated token after the URL on its line."""
         if self.problem is not None:
             return
-        if _is_url_token(token):
+        if _is_url_token(token):  # a mirror: no option, and bounded by the line's limit
             problem = _url_problem(token)
             if problem is not None:
                 self._fail(self.line, self.text, f"mirror {token}: {problem}")
             else:
                 self.mirrors.append(token)
+            return
+        if not self._counted(self.line, self.text):
             return
         key, sep, value = token.partition("=")
         if not sep:
@@ -390,9 +453,13 @@ class _Pending:
             return
         self._option(key, value, self.line, self.text, indented=False)
 
-    def add_indented(self, text: str, line: int) -> None:
-        """One indented option line (stripped), aria2's way."""
-        if self.problem is not None:
+    def add_indented(self, text: str, line: int, too_long: str | None = None) -> None:
+        """One indented option line (stripped), aria2's way; ``too_long`` says
+        why the line is refused unread."""
+        if not self._counted(line, text):
+            return
+        if too_long is not None:
+            self._fail(line, text, too_long)
             return
         key, sep, value = text.partition("=")
         if not sep:
@@ -418,100 +485,135 @@ class _Pending:
 
     def _apply(self, name: str, key: str, value: str, line: int) -> bool:
         """Set one option; False when it is ignored (with a warning)."""
-        if name in _ALGORITHMS or name == _CHECKSUM:
-            slot = _CHECKSUM
-        elif name in _IMPLEMENTED:
-            slot = name
-        elif name in _UNUSABLE_ALGORITHMS:
-            raise ValueError(f"unsupported checksum algorithm {key!r}")
-        elif name in _ARIA2_ONLY:
-            self._warn(line, name, f"aria2 option {name!r} is not supported by fetcher; ignored")
-            return False
-        elif _DIGEST_LIKE.fullmatch(value):
-            raise ValueError(f"unknown option {key!r} with a digest as value: "
-                             f"not a checksum algorithm fetcher knows{_suggestion(name)}")
-        else:
-            self._warn(line, name, f"unknown option {key!r}; ignored{_suggestion(name)}")
+        slot = self._slot(name, key, value, line)
+        if slot is None:
             return False
         if slot in self.seen and slot != "header":
             self._warn(line, name, f"{slot}= given more than once; the last one is used")
         self.seen.add(slot)
+        self._set(slot, key, value)
+        return True
+
+    def _slot(self, name: str, key: str, value: str, line: int) -> str | None:
+        """Which option *name* sets; None when it is ignored (with a warning)."""
+        if name in _ALGORITHMS or name == _CHECKSUM:
+            return _CHECKSUM
+        if name in _IMPLEMENTED:
+            return name
+        if name in _UNUSABLE_ALGORITHMS:
+            raise ValueError(f"unsupported checksum algorithm {key!r}")
+        if name in _ARIA2_ONLY:
+            self._warn(line, name, f"aria2 option {name!r} is not supported by fetcher; ignored")
+            return None
+        if _DIGEST_LIKE.fullmatch(value):
+            raise ValueError(f"unknown option {key!r} with a digest as value: "
+                             f"not a checksum algorithm fetcher knows{_suggestion(name)}")
+        self._warn(line, name, f"unknown option {key!r}; ignored{_suggestion(name)}")
+        return None
+
+    def _set(self, slot: str, key: str, value: str) -> None:
         if slot in ("out", "dir"):
             try:
                 path = safe_relpath(value)
             except ValueError as exc:
                 where = " inside the store" if slot == "out" else ", taken under the store (FILES_STORE)"
                 raise ValueError(f"{slot}= must be a relative path{where} ({exc})") from None
-            if slot == "out":
-                self.out = path
-            else:
-                self.dir = path
+            setattr(self, slot, path)
         elif slot == _CHECKSUM:
             self.checksum = parse_checksum(key, value)
         elif slot == "header":
             self.headers.append(_parse_header(value))
-        elif slot == "referer":
-            self.referer = _plain_text(slot, value)
-        elif slot == "user-agent":
-            self.user_agent = _plain_text(slot, value)
+        elif slot in ("referer", "user-agent"):
+            setattr(self, slot.replace("-", "_"), _plain_text(slot, value))
         else:
             self.split = _parse_split(value)
-        return True
 
     def finish(self) -> Entry | BadLine:
         warnings = tuple(self.warnings)
         if self.problem is not None:
             p = self.problem
-            return BadLine(p.line, p.text, p.reason, p.url, warnings=warnings)
+            reason = (f"entry of {self.options:,} options is over the {self.max_options:,} limit" if self.too_many
+                      else p.reason)
+            return BadLine(p.line, p.text, reason, p.url, warnings=warnings)
         out = self.out
         if self.dir is not None:
             out = f"{self.dir}/{out or url_to_path(self.url).rpartition('/')[2]}"
-        return Entry(self.url, self.line, out, self.checksum, tuple(self.mirrors), tuple(self.headers),
-                     self.referer, self.user_agent, self.split, warnings=warnings)
+        entry = Entry(self.url, self.line, out, self.checksum, tuple(self.mirrors), tuple(self.headers),
+                      self.referer, self.user_agent, self.split, warnings=warnings)
+        written = _written_over(entry, self.max_line)
+        if written:
+            return BadLine(self.line, _cut(self.text), f"written back (the queue, failed.txt), a line of "
+                           f"{written:,} characters is over the {self.max_line:,} limit", self.url, warnings=warnings)
+        return entry
 
 
-def parse_lines(lines: Iterable[str], *, first_line: int = 1) -> Iterator[Entry | BadLine]:
+def _written_over(entry: Entry, max_line: int) -> int:
+    """The length of the longest line Entry.to_line writes when over ``max_line``
+    (dir= and out= joined, "  " and ": " added), else 0: the queue's text and
+    failed.txt must parse back, under the same limit, to the same entry."""
+    longest_value = max(len(entry.out or ""), len(entry.referer or ""), len(entry.user_agent or ""),
+                        *(len(name) + len(value) for name, value in entry.headers))
+    if longest_value + len("  user-agent=") <= max_line:  # the longest name and padding to_line adds
+        return 0
+    longest = max(map(len, entry.to_line().split("\n")))
+    return longest if longest > max_line else 0
+
+
+def _line_text(raw: str, *, first: bool, max_line: int) -> tuple[str, str | None]:
+    """A line without its line end ("\\n" or "\\r\\n" only) and BOM, and why it
+    is over the limit, or None. An over-long line is cut to its start, alike
+    from a reader's _Overlong (over the reader's limit) and from the whole."""
+    text = raw[:-2] if raw.endswith("\r\n") else raw.removesuffix("\n")
+    length, limit = (raw.length, raw.limit) if isinstance(raw, _Overlong) else (len(text), max_line)
+    if first:
+        text = text.removeprefix(_BOM)
+    if length <= limit:
+        return text, None
+    return f"{text[:min(limit, _PREVIEW)]}...", _too_long(length, limit)
+
+
+def parse_lines(lines: Iterable[str], *, first_line: int = 1, max_line: int = MAX_LINE,
+                max_options: int = MAX_OPTIONS) -> Iterator[Entry | BadLine]:
     """Entries and bad lines of a URL list, in order, reading lazily.
 
     Holds only the entry being read: it is yielded when the next URL line (or
     the end) shows that its options are complete. Blank and comment lines do
     not end an option block (as in aria2). Entries are not de-duplicated.
+    Each of ``lines`` is one line, with or without its line end. A line over
+    ``max_line`` characters, or an entry over ``max_options`` options, is a
+    BadLine (see the module docstring).
     """
     pending: _Pending | None = None
     orphans_reported = False
     for number, raw in enumerate(lines, first_line):
-        text = raw.rstrip("\r\n")
-        if number == first_line:
-            text = text.removeprefix(_BOM)
+        text, too_long = _line_text(raw, first=number == first_line, max_line=max_line)
         stripped = text.strip()
         if not stripped or stripped.startswith("#"):
             continue
         indented = text.startswith(_INDENT)
         if indented and not _is_url_token(stripped.split(None, 1)[0]):
             if pending is not None:
-                pending.add_indented(stripped, number)
+                pending.add_indented(stripped, number, too_long)
             elif not orphans_reported:
                 orphans_reported = True
                 yield BadLine(number, stripped, _ORPHAN, None)
             continue
         if pending is not None:
             yield pending.finish()
-            pending = None
         orphans_reported = False
-        warnings = []
-        if indented:
-            warnings.append(ListWarning(number, INDENTED_URL, "URL on an indented line (aria2 would read the "
-                                        "line as an option); fetched as an entry of its own"))
-        url, *tokens = stripped.split()
-        problem = _url_problem(url)
-        if problem is not None:
-            yield BadLine(number, stripped, problem, None, warnings=tuple(warnings))
-            continue
-        pending = _Pending(url, number, stripped, warnings)
-        for token in tokens:
-            pending.add_token(token)
+        pending = _Pending.start(stripped, number, indented=indented, too_long=too_long, max_line=max_line,
+                                 max_options=max_options)
     if pending is not None:
         yield pending.finish()
+
+
+def parse_text(text: str, *, max_line: int = MAX_LINE, max_options: int = MAX_OPTIONS) -> Iterator[Entry | BadLine]:
+    """parse_lines for a list held in one string, such as a queue entry (a URL
+    line and its option lines, as Entry.to_line writes them). Its lines end
+    only at "\\n", as a list file's: str.splitlines would also end one at
+    U+2028 or a lone "\\r" inside a value the enqueuer accepted, making the
+    rest of the value an option of its own (``out=`` elsewhere)."""
+    return parse_lines(io.StringIO(text, newline="\n"), max_line=max_line, max_options=max_options)
 
 
 def parse_inline(text: str) -> Iterator[Entry | BadLine]:
@@ -610,14 +712,56 @@ def _sniff(stream: IO[bytes], *, owned: bool) -> tuple[bool, IO[bytes]]:
     return head == _GZIP_MAGIC, io.BufferedReader(_Prefixed(head, stream, owned=owned))
 
 
-def _text(binary: IO[bytes] | io.BufferedIOBase) -> io.TextIOWrapper:
-    return io.TextIOWrapper(binary, encoding="utf-8", errors="replace")  # type: ignore[arg-type]
+class _Overlong(str):
+    """What a reader gives for a line over its limit: the line's first limit+1
+    characters (parse_lines still sees its indentation and first word), and
+    the whole line's length, its line end not counted."""
+
+    length: int
+    limit: int
+
+    def __new__(cls, start: str, length: int, limit: int) -> _Overlong:
+        line = super().__new__(cls, start)
+        line.length = length
+        line.limit = limit
+        return line
 
 
-def open_list(path: str | os.PathLike[str]) -> TextIO:
+class _ListText(io.TextIOWrapper):
+    """A list as text: UTF-8, undecodable bytes replaced, lines ending at "\\n"
+    only (newline="\\n": the default would also end one at a lone "\\r"). A
+    line over ``max_line`` characters is never held whole, however long: it
+    comes as an _Overlong, the rest of it read in chunks and dropped."""
+
+    def __init__(self, binary: IO[bytes] | io.BufferedIOBase, *, max_line: int) -> None:
+        super().__init__(binary, encoding="utf-8", errors="replace", newline="\n")  # type: ignore[arg-type]
+        self._max_line = max_line
+
+    def readline(self, size: int = -1, /) -> str:  # type: ignore[override] # as typeshed's TextIOWrapper
+        """The next line (iteration reads with this), cut when over the limit."""
+        if size >= 0:
+            return super().readline(size)
+        line = super().readline(self._max_line + 1)
+        if len(line) <= self._max_line or line.endswith("\n"):
+            return line
+        length, tail = len(line), line[-1:]
+        while chunk := super().readline(_CHUNK):
+            length += len(chunk)
+            if chunk.endswith("\n"):
+                length -= 2 if (tail + chunk[-2:]).endswith("\r\n") else 1
+                break
+            tail = chunk[-1:]
+        if length <= self._max_line:  # cut between its "\r" and "\n": it was not over
+            return line + "\n"
+        return _Overlong(line, length, self._max_line)
+
+
+def open_list(path: str | os.PathLike[str], *, max_line: int = MAX_LINE) -> TextIO:
     """A list file as text (UTF-8, undecodable bytes replaced; parse_lines
     strips a BOM), gzip-decompressed when it starts with gzip's magic bytes
-    or its name ends in ".gz". Close it (or use ``with``).
+    or its name ends in ".gz". Close it (or use ``with``). Its lines end at
+    "\\n" only; a line over ``max_line`` characters comes cut short, never
+    held whole, and parse_lines refuses it.
 
     The file is opened once and sniffed, not reopened, so named pipes work.
     Gzip data that is truncated or corrupt, or a ".gz" file that is not
@@ -628,24 +772,26 @@ def open_list(path: str | os.PathLike[str]) -> TextIO:
         compressed, stream = _sniff(raw, owned=True)
         if os.fspath(path).lower().endswith(".gz"):
             compressed = True
-        return _text(_GzipReader(stream, owned=True) if compressed else stream)
+        return _ListText(_GzipReader(stream, owned=True) if compressed else stream, max_line=max_line)
     except BaseException:
         raw.close()
         raise
 
 
-def text_lines(stream: BinaryIO | IO[bytes]) -> Generator[str, None, None]:
+def text_lines(stream: BinaryIO | IO[bytes], *, max_line: int = MAX_LINE) -> Generator[str, None, None]:
     """The lines of a binary stream (stdin's ``sys.stdin.buffer``) as text,
     gzip-decompressed when the stream starts with gzip's magic bytes. The
     magic is peeked, not consumed, when the stream can peek (a buffered
     stream); otherwise the bytes read to sniff are put back in front. Lines
     come as soon as they are complete (a pipe still being written is fine).
-    UTF-8, undecodable bytes replaced. ``stream`` is left open, also when
-    the generator is closed early. Corrupt gzip data raises an OSError.
+    UTF-8, undecodable bytes replaced, lines ending at "\\n" only, a line over
+    ``max_line`` characters cut short (as open_list's). ``stream`` is left
+    open, also when the generator is closed early. Corrupt gzip data raises
+    an OSError.
     """
     compressed, source = _sniff(stream, owned=False)
     binary: IO[bytes] | io.BufferedIOBase = _GzipReader(source, owned=source is not stream) if compressed else source
-    text = _text(binary)
+    text = _ListText(binary, max_line=max_line)
     try:
         for line in text:  # not "yield from": closing this generator would close ``text``
             yield line

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fetcher.redact import safe_url
-from fetcher.writer import hash_file
+from fetcher.store.writer import hash_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The shared queue on Redis, and the fetch spider's worker on it."""
