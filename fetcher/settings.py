@@ -1,7 +1,7 @@
 """The fetch project's settings: Scrapy's own knobs tuned for bulk downloading,
 fetcher's add-on, and the few choices of this project that differ from the
 add-on's stock-compatible defaults (every ``FETCHER_*`` default is documented in
-``fetcher/addon.py``).
+``fetcher/config.py``).
 
 Override any of them per run (``-s CONCURRENT_REQUESTS=128``), per project, or
 per Scrapyd job. ``scrapy settings --get NAME`` shows the effective value.
@@ -34,7 +34,7 @@ DOWNLOAD_VERIFY_CERTIFICATES = True  # a downloader must not accept any certific
 # streamed files are capped by FETCHER_MAX_SIZE only.
 
 # fetcher's components (handler, pipeline, redirect guard, progress, summary) and
-# every FETCHER_* default come from the add-on: fetcher/addon.py documents them.
+# every FETCHER_* default come from the add-on (written once, in fetcher/config.py).
 ADDONS = {"fetcher.Addon": 0}
 FILES_STORE = "downloads"  # relative to the working directory, or s3://bucket/prefix (AWS_* settings)
 
