@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_FSYNC": False,  # fsync each file before renaming it into place
     "FETCHER_STALL_TIMEOUT": None,  # seconds without body bytes before an attempt is abandoned; None: DOWNLOAD_TIMEOUT
     "FETCHER_MAX_TIME": 0,  # seconds one attempt may take in all (0: no limit)
+    "FETCHER_MAX_HEADER_SIZE": 256 * 1024,  # bytes of response headers; more fails the attempt, not retried
     "FETCHER_MAX_RATE": 0,  # bytes/s (or "512K", "2M") for all transfers together (0: no cap); wget's --limit-rate
     "FETCHER_MAX_RATE_PER_HOST": 0,  # bytes/s for each host (downloader slot) across its transfers (0: no cap)
     "FETCHER_SPLIT": 1,  # ranges fetched at once per file (aria2's split=; a list entry's split= wins)
@@ -93,6 +94,7 @@ class Config:
     fsync: bool
     stall_timeout: float  # resolved: DOWNLOAD_TIMEOUT when unset
     max_time: float
+    max_header_size: int
     max_rate: float
     max_rate_per_host: float
     split: int
@@ -144,6 +146,7 @@ class Config:
             stall_timeout=r.settings.getfloat("DOWNLOAD_TIMEOUT") if stall in (None, "")
             else r.seconds("FETCHER_STALL_TIMEOUT"),
             max_time=r.seconds("FETCHER_MAX_TIME"),
+            max_header_size=r.int("FETCHER_MAX_HEADER_SIZE", minimum=1024),
             max_rate=parse_rate("FETCHER_MAX_RATE", r.raw("FETCHER_MAX_RATE")),
             max_rate_per_host=parse_rate("FETCHER_MAX_RATE_PER_HOST", r.raw("FETCHER_MAX_RATE_PER_HOST")),
             split=r.int("FETCHER_SPLIT", minimum=1),
