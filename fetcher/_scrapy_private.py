@@ -1,4 +1,5 @@
-"""Every private Scrapy name fetcher leans on, in one place.
+"""Every private Scrapy name fetcher leans on, in one place (and the private Twisted ones that
+Scrapy's lenient HTTP client builds on: HTTP11ClientProtocol's _parser, _giveUp, _disconnectParser).
 
 Tested with Scrapy 2.18.0 and 2.19.0 (pyproject pins the range); tests/test_scrapy_private.py
 fails loudly when an upgrade moves or changes one of these.
@@ -6,22 +7,31 @@ fails loudly when an upgrade moves or changes one of these.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from scrapy.core.downloader.contextfactory import _load_context_factory_from_settings
 from twisted.internet.defer import Deferred
 from scrapy.core.downloader.handlers.http11 import (
     _BindAddressAgent,
     _LenientHTTP11ClientFactory,
+    _LenientHTTP11ClientProtocol,
+    _LenientHTTPClientParser,
     _ScrapyProxyAgent,
     _TunnelingAgent,
 )
 
+from fetcher.exceptions import HeadersTooLarge
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scrapy.crawler import Crawler
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IAddress, IReactorTime
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import Request as TxRequest
     from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.iweb import IPolicyForHTTPS
+    from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 
 def tls_policy(crawler: Crawler) -> IPolicyForHTTPS:
@@ -52,11 +62,76 @@ def spider_closing(crawler: Crawler) -> bool:
     return not engine.running or isinstance(getattr(slot, "closing", None), Deferred)
 
 
-def lenient_parsing(pool: HTTPConnectionPool) -> None:
+def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
     """Parse responses on *pool*'s connections as stock HTTP11DownloadHandler does: a
     header line without a colon is skipped (browsers do the same) instead of failing
-    the whole response. Stock sets the same private factory on its own pool."""
-    pool._factory = _LenientHTTP11ClientFactory  # noqa: SLF001
+    the whole response. Stock sets Scrapy's lenient factory on its own pool; this one
+    builds on it and also caps a response's status line and headers at *max_header_size*
+    bytes: past it the connection is aborted at once (nothing more is read or kept) and
+    the request fails with HeadersTooLarge, found in the ResponseFailed's ``reasons``."""
+    pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)  # noqa: SLF001
+
+
+class _CappedHTTPClientParser(_LenientHTTPClientParser):
+    """Scrapy's lenient parser, counting the bytes of the lines it is given (status line and
+    headers; the body comes in raw mode). Raising out of dataReceived is how Twisted's own
+    parse errors leave: HTTP11ClientProtocol.dataReceived hands the failure to _giveUp."""
+
+    max_header_size: int
+    header_bytes: int
+
+    def lineReceived(self, line: bytes) -> None:
+        self.header_bytes += len(line) + 1  # and the "\n" LineReceiver split it at
+        if self.header_bytes > self.max_header_size:
+            raise HeadersTooLarge.over(self.max_header_size)
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line over MAX_LENGTH (the cap: see _CappedHTTP11ClientProtocol.request). Twisted
+        # would close the connection, a "connection failed" that is retried for nothing.
+        raise HeadersTooLarge.over(self.max_header_size)
+
+
+class _CappedHTTP11ClientProtocol(_LenientHTTP11ClientProtocol):
+    """Scrapy's lenient protocol with its parser capped; a response over the cap aborts the
+    connection rather than closing it cleanly (under TLS a clean close goes on reading)."""
+
+    def __init__(self, quiescentCallback: Callable[..., Any], max_header_size: int) -> None:
+        super().__init__(quiescentCallback)  # type: ignore[no-untyped-call]
+        self._max_header_size = max_header_size
+
+    def request(self, request: TxRequest) -> Deferred[IResponse]:
+        d = super().request(request)
+        # Scrapy swapped the parser's class for its lenient one (no state of its own); swap it
+        # again for the capped subclass, whose state is set here, before any byte can arrive.
+        parser = self._parser
+        assert parser is not None
+        parser.__class__ = _CappedHTTPClientParser
+        parser.max_header_size = self._max_header_size
+        parser.header_bytes = 0
+        # LineReceiver keeps at most this much of one line (Twisted's 16 KiB would fail longer
+        # lines that fit the cap; a line longer than the cap calls lineLengthExceeded).
+        parser.MAX_LENGTH = self._max_header_size
+        return d
+
+    def _giveUp(self, reason: Failure) -> None:
+        if reason.check(HeadersTooLarge):  # as Twisted's own cancel: abort, then fail the response
+            self.transport.abortConnection()
+            self._disconnectParser(reason)
+        else:
+            super()._giveUp(reason)  # type: ignore[no-untyped-call]
+
+
+class _CappedHTTP11ClientFactory(_LenientHTTP11ClientFactory):
+    """Scrapy's lenient factory, building capped protocols; one cap per pool."""
+
+    def __init__(self, quiescentCallback: Callable[..., Any], metadata: object, *,
+                 max_header_size: int) -> None:
+        super().__init__(quiescentCallback, metadata)  # type: ignore[no-untyped-call]
+        self._max_header_size = max_header_size
+
+    def buildProtocol(self, addr: IAddress | None) -> _CappedHTTP11ClientProtocol:
+        return _CappedHTTP11ClientProtocol(self._quiescentCallback, self._max_header_size)
 
 
 # -- Twisted Agents for the three ways stock HTTP11DownloadHandler connects (its ScrapyAgent._get_agent).

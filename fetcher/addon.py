@@ -20,6 +20,7 @@ from scrapy.pipelines.images import ImagesPipeline
 from scrapy.utils.misc import load_object
 
 from fetcher.config import DEFAULTS
+from fetcher.logs import redact_log_records
 from fetcher.pipelines import StreamingFilesPipeline
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ _COMPONENTS = (
     ("EXTENSIONS", "fetcher.extensions.Summary", 110),
     ("EXTENSIONS", "scrapy.extensions.logstats.LogStats", None),  # fetcher's progress lines say it
 )
-#: Scrapy settings the add-on sets (at add-on priority: a project's own value wins).
-_SCRAPY_SETTINGS = {
-    "LOG_FORMATTER": "fetcher.logformatter.LogFormatter",  # Scrapy's log lines without URL credentials
-}
 _HANDLER = "fetcher.handlers.StreamingDownloadHandler"
 _COMMANDS = "fetcher.commands"
 
@@ -58,7 +55,8 @@ class Addon:
         return cls(crawler)
 
     def update_settings(self, settings: BaseSettings) -> None:
-        for name, value in {**DEFAULTS, **_SCRAPY_SETTINGS}.items():
+        redact_log_records()  # before Scrapy logs the settings: no credential in any log line
+        for name, value in DEFAULTS.items():
             settings.set(name, value, priority="addon")
         self._place_pipeline(settings, StreamingFilesPipeline)
         for name, path, order in _COMPONENTS:

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_FAILED_LIST": "",  # the store's failures in list format; "": failed.txt beside the manifest
     "FETCHER_VERIFY": "stat",  # finished files: "stat" compares size and mtime with the record; "full" re-hashes
     # -- Remote stores (s3://, gs://, ftp://)
-    "FETCHER_SPOOL": "",  # where bodies are written before upload; "": <tmp>/fetcher-spool/<store>
+    "FETCHER_SPOOL": "",  # where bodies are written before upload; "": spool/ in the (private) state folder
     "FETCHER_MULTIPART_THRESHOLD": 8 * 1024 * 1024,  # larger files are uploaded in parts of this size
     # -- Transfers
     "FETCHER_MAX_SIZE": 0,  # bytes; a larger file fails (0: no cap; meta download_maxsize per request)

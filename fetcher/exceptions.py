@@ -1,5 +1,7 @@
 """fetcher's exceptions: a run that cannot start, and why a streamed request failed."""
 
+from __future__ import annotations
+
 from scrapy.exceptions import (
     CannotResolveHostError,
     DownloadConnectionRefusedError,
@@ -53,3 +55,23 @@ class TLSError(Exception):
     """The TLS handshake failed (a certificate that does not verify): retrying cannot help."""
 
     reason = "TLS error"
+
+
+class HeadersTooLarge(Exception):
+    """The response's status line and headers passed FETCHER_MAX_HEADER_SIZE: the connection
+    was aborted there, and the file is given up (not in RETRY_EXCEPTIONS, no ``retryable``):
+    a server that sends that much will send it again."""
+
+    reason = "headers too large"
+
+    @classmethod
+    def over(cls, limit: int) -> HeadersTooLarge:
+        return cls(f"response headers over {_size_text(limit)} (FETCHER_MAX_HEADER_SIZE)")
+
+
+def _size_text(n: int) -> str:
+    """A size as a person writes it: "256 KiB", "1 MiB"; "100,000 bytes" when not a whole unit."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n:,} bytes"

@@ -21,6 +21,8 @@ Timeouts for streamed requests: DOWNLOAD_TIMEOUT (or meta ``download_timeout``)
 bounds connecting plus waiting for the response headers; FETCHER_STALL_TIMEOUT
 bounds every silence while the body flows; FETCHER_MAX_TIME, when set, bounds
 the whole request. A large file that keeps flowing is never cut for being long.
+FETCHER_MAX_HEADER_SIZE bounds the response headers' size: past it the connection
+is aborted, nothing more is read or kept, and the file fails (HeadersTooLarge, not retried).
 
 Bandwidth caps for streamed bodies: FETCHER_MAX_RATE (all transfers of the crawl,
 as aria2's --max-overall-download-limit and wget's --limit-rate) and
@@ -67,7 +69,14 @@ from fetcher._scrapy_private import (
 from fetcher.transfer.body import BodyReader, BodyRules, Discard, Ended, describe, warn_size
 from fetcher.config import Config
 from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, UNVERIFIED_END_FLAG
-from fetcher.exceptions import ConnectionFailed, ConnectionRefused, DNSLookupFailed, Timeout, TLSError
+from fetcher.exceptions import (
+    ConnectionFailed,
+    ConnectionRefused,
+    DNSLookupFailed,
+    HeadersTooLarge,
+    Timeout,
+    TLSError,
+)
 from fetcher.transfer.limits import TransferLimits
 from fetcher.redact import host_of, safe_url
 from fetcher.store.writer import BodyError, FileTooLarge
@@ -102,13 +111,14 @@ class StreamingDownloadHandler(BaseDownloadHandler):
         self._fallback = build_from_crawler(HTTP11DownloadHandler, crawler)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
-        lenient_parsing(self._pool)  # header lines without a colon are skipped, as stock does
+        config = Config.of(crawler)  # the transfer settings, checked once for the crawl
+        # Header lines without a colon are skipped, as stock does; headers over the cap fail at once.
+        lenient_parsing(self._pool, max_header_size=config.max_header_size)
         self._tls = tls_policy(crawler)
         self._agents: dict[tuple[Any, ...], Agent] = {}
         self._bind_address = settings.get("DOWNLOAD_BIND_ADDRESS")
         self._fail_on_dataloss = settings.getbool("DOWNLOAD_FAIL_ON_DATALOSS")
         self._timeout = settings.getfloat("DOWNLOAD_TIMEOUT")
-        config = Config.of(crawler)  # the transfer settings, checked once for the crawl
         self._stall_timeout, self._max_time = config.stall_timeout, config.max_time
         self._limits = TransferLimits.of(crawler)
 
@@ -364,6 +374,9 @@ def _readable(exc: Exception, request: Request) -> Exception:
     if isinstance(exc, txerror.TimeoutError):
         return Timeout(f"connecting to {peer} timed out")
     reasons = getattr(exc, "reasons", None) or []  # ResponseFailed, ResponseNeverReceived
+    for r in reasons:
+        if isinstance(r.value, HeadersTooLarge):  # the parser's own (fetcher._scrapy_private)
+            return r.value
     described = describe(exc)
     if any(_is_verification_failure(r.value) for r in reasons):
         return TLSError(f"TLS with {host} failed: {described} (DOWNLOAD_VERIFY_CERTIFICATES=False skips the check)")

@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urldefrag
+from urllib.parse import urldefrag, urlsplit, urlunsplit
 
 from itemadapter import ItemAdapter
 from scrapy import signals as scrapy_signals
@@ -38,8 +38,8 @@ from fetcher.config import Config
 from fetcher.contract import ENTRY_META
 from fetcher.exceptions import StartupError
 from fetcher.store.freshness import Freshness
-from fetcher.items import FetchItem, FileRecord, run_key
-from fetcher.store.naming import INDEX_NAME, url_to_path
+from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
+from fetcher.store.naming import INDEX_NAME, owner_name, url_to_path
 from fetcher.redact import safe_url
 from fetcher.transfer.retry import FILTERED, AttemptFailed, Retrier
 from fetcher.store.run_records import RunRecords
@@ -244,6 +244,10 @@ class StreamingFilesPipeline(FilesPipeline):
             path = self._settle(self._path_for(request, None, item))
         except AttemptFailed as failed:
             return self._finished(FileRecord(entry, "failed", error=str(failed), reason=failed.reason))
+        if (why := self.run_records.reserved(path)) is not None:  # an out= or dir= aimed at the records
+            reason = BAD_LINE if entry.out else "reserved path"
+            error = f"{entry.where}: {why}" if entry.where else why
+            return self._finished(FileRecord(entry, "failed", error=error, reason=reason))
         if path in self._inflight and self._inflight[path][0] == entry.url:
             return await asyncio.shield(self._inflight[path][1])  # the same file asked twice: one download
         if not self._claim(path, entry.url):  # another URL of this run has this name
@@ -292,6 +296,8 @@ class StreamingFilesPipeline(FilesPipeline):
             if not self._path_needs_response:
                 return path
             named = self._path_for(request, response, item)
+            if (why := self.run_records.reserved(named)) is not None:
+                raise AttemptFailed(why, reason="reserved path", retryable=False, keep_part=False)
             if named != path:
                 if not self._claim(named, request.meta[ENTRY_META].url):
                     raise AttemptFailed(f"another URL of this run is saved to {named}", reason="path conflict",
@@ -314,9 +320,9 @@ class StreamingFilesPipeline(FilesPipeline):
                                 retryable=False) from exc
 
     def _claim(self, path: str, url: str) -> bool:
-        """Take *path* for *url* in this run; False when another URL has it."""
+        """Take *path* (and its partial files' names) for *url* in this run; False when another URL has it."""
         owner = run_key(urldefrag(url)[0])
-        return self._claims.setdefault(run_key(path), owner) == owner
+        return self._claims.setdefault(run_key(owner_name(path)), owner) == owner
 
     def _settle(self, path: str) -> str:
         """wget's rule for a name that is also a folder (``/a`` and ``/a/b`` in one
@@ -352,10 +358,10 @@ class StreamingFilesPipeline(FilesPipeline):
 
     @contextlib.asynccontextmanager
     async def _owning(self, path: str) -> AsyncIterator[None]:
-        """Be the only process writing *path*: another fetcher on the same store
-        that has it is waited for (it may finish it: the records then say so)."""
-        waited = False
-        while not self.run_records.locks.try_acquire(path):
+        """Be the only process writing *path* (and its partial files): another fetcher on the
+        same store that has it is waited for (it may finish it: the records then say so)."""
+        waited, key = False, owner_name(path)
+        while not self.run_records.locks.try_acquire(key):
             if not waited:
                 logger.debug("Waiting for another process writing %s", path)
                 waited = True
@@ -365,7 +371,7 @@ class StreamingFilesPipeline(FilesPipeline):
         try:
             yield
         finally:
-            self.run_records.locks.release(path)
+            self.run_records.locks.release(key)
 
     def _finished(self, record: FileRecord) -> FileRecord:
         if record.status == "failed" and record.reason != FILTERED:  # filtered: stock's debug line says it
@@ -384,17 +390,29 @@ def _make_folder_of(local: Path) -> None:
 
 
 def _entry_request(entry: Entry) -> Request:
-    return Request(entry.url, callback=NO_CALLBACK, headers=_entry_headers(entry), meta={ENTRY_META: entry})
+    headers = _entry_headers(entry)
+    meta: dict[str, Any] = {ENTRY_META: entry}
+    if any(name.lower() == "cookie" for name in headers):
+        # A header=Cookie: goes out as given: Scrapy's cookie middleware would replace it with its
+        # jar's. Scrapy's redirect middleware still drops it on a redirect to another host.
+        meta["dont_merge_cookies"] = True
+    return Request(entry.url, callback=NO_CALLBACK, headers=headers, meta=meta)
 
 
 def _entry_headers(entry: Entry) -> dict[str, str]:
     """The list's per-entry headers (``header=``, ``referer=``, ``user-agent=``)."""
     headers = dict(entry.headers)
     if entry.referer is not None:
-        headers["Referer"] = entry.url if entry.referer == "*" else entry.referer
+        headers["Referer"] = _without_userinfo(entry.url) if entry.referer == "*" else entry.referer
     if entry.user_agent is not None:
         headers["User-Agent"] = entry.user_agent
     return headers
+
+
+def _without_userinfo(url: str) -> str:
+    """*url* as a Referer: no user:password (it would land in the origin's access logs)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _overrides(cls: type, name: str) -> bool:

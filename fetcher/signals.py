@@ -1,6 +1,10 @@
-"""fetcher's own signal, connected like Scrapy's (``crawler.signals.connect``)."""
+"""fetcher's own signals, connected like Scrapy's (``crawler.signals.connect``)."""
 
 #: Sent once per URL of the list when it ends, whatever the outcome, with
 #: ``record`` (a :class:`fetcher.items.FileRecord`). The manifest, the summary,
 #: the failed list and the progress display all listen to it.
 file_finished = object()
+
+#: Sent once when the store's records could not be written (a full disk, a folder in the
+#: manifest's place): the run's records are not complete, and it must not exit 0.
+records_unwritten = object()

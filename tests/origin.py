@@ -77,6 +77,7 @@ _HIGH_WATER = 4 * 1024 * 1024  # transport write buffer before we wait for the c
 _MAX_HEAD = 64 * 1024  # request line + headers
 _RESET_FLUSH_TIMEOUT = 5.0  # how long a drop waits for the kernel to deliver the bytes before B
 _HOLD_MAX = 120.0  # a held body goes on by itself after this long, so a forgotten gate cannot hang a test
+_FILLER_LINE = 4096  # bytes of one header_bytes= filler line (CRLF included)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -310,6 +311,7 @@ class _Reply:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: _Body | None = None
     shaped: bool = False  # body-shaping params (chunked, stall_at, drop_at, rate, ...) apply
+    header_bytes: int = 0  # /gen's header_bytes=<size>: filler header lines streamed after the others
 
 
 @dataclass
@@ -912,7 +914,10 @@ class Origin:
 
         ``range_size=<size>`` makes a misbehaving server: Range requests are answered as if the
         file had ``<size>`` bytes (Content-Range total and body), while the ETag and
-        Last-Modified stay those of the full response, so only the length tells the two apart."""
+        Last-Modified stay those of the full response, so only the length tells the two apart.
+
+        ``header_bytes=<size>`` adds that many bytes of ``X-Filler-N: aaa…`` header lines (4 KiB
+        each) to a 200 or 206, streamed as they are made (see ``_write_head``)."""
         name = urllib.parse.unquote(raw_name)
         try:
             size = parse_size(size_text)
@@ -924,6 +929,12 @@ class Origin:
                 range_size = parse_size(req.params["range_size"])
             except ValueError:
                 raise _BadParam(f"range_size must be a size, got {req.params['range_size']!r}") from None
+        header_bytes = 0
+        if "header_bytes" in req.params:
+            try:
+                header_bytes = parse_size(req.params["header_bytes"])
+            except ValueError:
+                raise _BadParam(f"header_bytes must be a size, got {req.params['header_bytes']!r}") from None
         if not name:
             return self._simple(404, "missing name\n")
         params = req.params
@@ -947,7 +958,8 @@ class Origin:
             headers.append(("Content-Disposition", _content_disposition(disposition)))
         if gzip_on and (gzip_mode == "force" or _accepts_gzip(req.headers.get("accept-encoding"))):
             headers.append(("Content-Encoding", "gzip"))
-            return _Reply(200, headers, _BytesBody(_gzip_body(name, size, version)), shaped=True)
+            return _Reply(200, headers, _BytesBody(_gzip_body(name, size, version)), shaped=True,
+                          header_bytes=header_bytes)
         if ranges:
             headers.append(("Accept-Ranges", "bytes"))
             range_header = req.headers.get("range")
@@ -958,8 +970,9 @@ class Origin:
                 if isinstance(parsed, tuple):
                     first, last = parsed
                     headers.append(("Content-Range", f"bytes {first}-{last}/{range_size}"))
-                    return _Reply(206, headers, _GenBody(name, version, first, last - first + 1), shaped=True)
-        return _Reply(200, headers, _GenBody(name, version, 0, size), shaped=True)
+                    return _Reply(206, headers, _GenBody(name, version, first, last - first + 1), shaped=True,
+                                  header_bytes=header_bytes)
+        return _Reply(200, headers, _GenBody(name, version, 0, size), shaped=True, header_bytes=header_bytes)
 
     @staticmethod
     def _not_modified(req: _Request, etag: str | None, lm: dt.datetime | None) -> bool:
@@ -1054,11 +1067,11 @@ class Origin:
         if not send_body or body is None:
             self._check_open(writer)
             finish()
-            writer.write(head)
+            await self._write_head(writer, head, reply.header_bytes)
             await writer.drain()
             return keep
         self._check_open(writer)
-        writer.write(head)
+        await self._write_head(writer, head, reply.header_bytes)
         pos = 0
         for offset, _, action in sorted(events):
             await self._write_body(exchange, writer, body, pos, offset, chunked, rate)
@@ -1084,6 +1097,30 @@ class Origin:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep
+
+    async def _write_head(self, writer: asyncio.StreamWriter, head: bytes, filler: int) -> None:
+        """Write *head*; with *filler* (header_bytes=), that many bytes of ``X-Filler-N: aaa…``
+        lines go before the blank line that ends it, made 64 KiB at a time: hundreds of MiB of
+        headers cost the server no more than its write buffer."""
+        if not filler:
+            writer.write(head)
+            return
+        writer.write(head[:-2])  # all but the blank line
+        n = 0
+        while filler > 0:
+            lines = []
+            for _ in range(16):  # 64 KiB a write
+                prefix = b"X-Filler-%d: " % n
+                lines.append(prefix + b"a" * max(1, min(_FILLER_LINE, filler) - len(prefix) - 2) + b"\r\n")
+                filler -= len(lines[-1])
+                n += 1
+                if filler <= 0:
+                    break
+            self._check_open(writer)
+            writer.write(b"".join(lines))
+            await writer.drain()  # waits only above the high-water mark...
+            await asyncio.sleep(0)  # ...so yield: under TLS a client gone is noticed only by the loop
+        writer.write(b"\r\n")
 
     async def _hold(self, name: str, writer: asyncio.StreamWriter) -> None:
         """hold=<name>: wait until the test opens the gate (or the client is gone, or _HOLD_MAX)."""

@@ -10,10 +10,13 @@ from importlib.metadata import version
 
 from scrapy.utils.test import get_crawler
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.python.failure import Failure
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, Request, ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 
 from fetcher import _scrapy_private, settings
+from fetcher.exceptions import HeadersTooLarge
 
 
 def test_tls_policy_is_built_from_scrapy_settings() -> None:
@@ -69,3 +72,50 @@ def test_stock_agents_for_proxies_and_bind_addresses() -> None:
     direct.request(b"GET", b"http://127.0.0.2:8080/z")
     assert reactor.tcpClients[2][1] == 8080 and reactor.tcpClients[2][4] == bind
     assert first_bytes(2).startswith(b"GET /z HTTP/1.1\r\n")
+
+
+def test_lenient_capped_parsing() -> None:
+    """Streamed responses are parsed by subclasses of http11's _LenientHTTP11ClientFactory,
+    _LenientHTTP11ClientProtocol and _LenientHTTPClientParser (and Twisted's _giveUp,
+    _disconnectParser, _parser): a header line without a colon is skipped as stock does, and
+    past FETCHER_MAX_HEADER_SIZE the connection is aborted and the response fails with
+    HeadersTooLarge (on a memory transport)."""
+
+    def respond(cap: int, *chunks: bytes) -> tuple[object, StringTransport]:
+        """What the request's Deferred gave after *chunks* came in, and the transport."""
+        pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
+        _scrapy_private.lenient_parsing(pool, max_header_size=cap)
+        protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # noqa: SLF001 - as the pool does
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        got: list[object] = []
+        request = Request(b"GET", b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)
+        protocol.request(request).addBoth(got.append)
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        assert len(got) == 1, got
+        return got[0], transport
+
+    def too_large(result: object) -> HeadersTooLarge:
+        assert isinstance(result, Failure) and isinstance(result.value, ResponseFailed), result
+        [reason] = result.value.reasons
+        assert isinstance(reason.value, HeadersTooLarge), reason
+        return reason.value
+
+    status = b"HTTP/1.1 200 OK\r\n"
+    # Under the cap: the colon-less line is skipped, a line past Twisted's 16 KiB fits a 64 KiB cap.
+    response, transport = respond(64 * 1024, status + b"X-A: 1\r\nNo colon here\r\nX-Long: " + b"a" * 20_000
+                                  + b"\r\nContent-Length: 0\r\n\r\n")
+    assert getattr(response, "code", None) == 200, response
+    headers = response.headers  # type: ignore[attr-defined]
+    assert headers.getRawHeaders(b"X-A") == [b"1"] and len(headers.getRawHeaders(b"X-Long")[0]) == 20_000
+    assert not transport.disconnecting  # a persistent connection, kept for the next request
+
+    # Over the cap in many lines, then in one line with no end yet: aborted, not closed cleanly.
+    lines = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"a" * 90) for i in range(40))  # about 4 KiB
+    for chunks in ([status, lines[:1000], lines[1000:]], [status + b"X-Big: " + b"a" * 3000]):
+        result, transport = respond(2048, *chunks)
+        assert str(too_large(result)) == "response headers over 2 KiB (FETCHER_MAX_HEADER_SIZE)"
+        assert transport.disconnected, "aborted (abortConnection), so nothing more is read"
+    over = too_large(respond(5000, status, lines, lines)[0])
+    assert str(over) == "response headers over 5,000 bytes (FETCHER_MAX_HEADER_SIZE)"

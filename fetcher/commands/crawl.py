@@ -2,9 +2,10 @@
 
 Stock ``scrapy crawl`` exits 0 even when every download failed; a script or CI
 job running fetcher needs to know. Exit status: 0 when every URL of the run
-ended well (and, for the fetch spider, its whole list was read; for other
-spiders, the run finished), 1 otherwise (failures, a bad list, an interrupted
-run, a component that could not start). It counts the records as they are sent
+ended well and the store's records were written (and, for the fetch spider, its
+whole list was read; for other spiders, the run finished), 1 otherwise (failures,
+a bad list, an interrupted run, a component that could not start, records that
+could not be written). It counts the records as they are sent
 (``fetcher.signals.file_finished``), not stats, so no extension setting can
 turn failures into success.
 """
@@ -44,10 +45,14 @@ class _Outcome:
     def __init__(self) -> None:
         self.failed = 0
         self.startup_error = False
+        self.unwritten = False
         self.reason: str | None = None
 
     def record(self, record: FileRecord) -> None:
         self.failed += record.status == "failed"
+
+    def records_unwritten(self) -> None:
+        self.unwritten = True
 
     def closed(self, reason: str) -> None:
         self.reason = reason
@@ -82,6 +87,7 @@ class Command(ScrapyCrawlCommand):
                 raise UsageError(str(exc), print_help=False) from exc
         outcome = _Outcome()
         crawler.signals.connect(outcome.record, signal=fetcher_signals.file_finished, weak=False)
+        crawler.signals.connect(outcome.records_unwritten, signal=fetcher_signals.records_unwritten, weak=False)
         crawler.signals.connect(outcome.closed, signal=signals.spider_closed, weak=False)
         task = self.crawler_process.crawl(crawler, **opts.spargs)
         if isinstance(task, asyncio.Future):
@@ -92,5 +98,5 @@ class Command(ScrapyCrawlCommand):
             return
         complete = getattr(crawler.spider, "list_complete", None)
         finished = complete if complete is not None else outcome.reason == "finished"
-        if not finished or outcome.failed:
+        if not finished or outcome.failed or outcome.unwritten:
             self.exitcode = 1

@@ -31,12 +31,25 @@ from scrapy.exceptions import UsageError
 
 from fetcher.config import Config
 from fetcher.exceptions import StartupError
-from fetcher.queue.stream import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
-from fetcher.store.records import StoredRecord, new_run_id, utc_now
-from fetcher.redact import safe_line
-from fetcher.transfer.retry import Retrier
-from fetcher.listing.sources import ListFetchFailed, ListUnavailable, ListWarnings, check_source, entries_of, local_copy
+from fetcher.listing.sources import (
+    ListFetchFailed,
+    ListUnavailable,
+    ListWarnings,
+    check_source,
+    entries_of,
+    local_copy,
+)
 from fetcher.listing.urllist import BadLine, Entry
+from fetcher.logs import redact_log_records
+from fetcher.queue.stream import (
+    QueueUnavailable,
+    RedisQueue,
+    is_queue_url,
+    parse_queue_url,
+)
+from fetcher.redact import safe_line
+from fetcher.store.records import StoredRecord, new_run_id, utc_now
+from fetcher.transfer.retry import Retrier
 
 if TYPE_CHECKING:
     import argparse
@@ -58,6 +71,7 @@ class Command(ScrapyCommand):
         return (__doc__ or "").strip()
 
     def run(self, args: list[str], opts: argparse.Namespace) -> None:
+        redact_log_records()  # no crawl here, so no add-on to do it
         if len(args) != 2 or not is_queue_url(args[0]):
             raise UsageError("give a queue and a list: scrapy enqueue redis://host:6379/0[?queue=NAME] LIST")
         url, source = args

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from fetcher.queue.stream import QueueUnavailable, RedisQueue, is_queue_url, parse_queue_url
+from fetcher.logs import redact_log_records
+from fetcher.queue.stream import (
+    QueueUnavailable,
+    RedisQueue,
+    is_queue_url,
+    parse_queue_url,
+)
 from fetcher.store.records import MANIFEST_FIELDS
 
 if TYPE_CHECKING:
@@ -40,6 +46,7 @@ class Command(ScrapyCommand):
                             help="write every URL's current record (manifest format, JSON Lines) to FILE")
 
     def run(self, args: list[str], opts: argparse.Namespace) -> None:
+        redact_log_records()  # no crawl here, so no add-on to do it
         if len(args) != 1 or not is_queue_url(args[0]):
             raise UsageError("give a queue: scrapy queue redis://host:6379/0[?queue=NAME] [--manifest FILE]")
         try:

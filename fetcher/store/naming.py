@@ -188,6 +188,22 @@ def url_to_path(url: str, *, keep_query: bool = True) -> str:
     return "/".join([_shorten(_host(host)), *map(_shorten, segments)])
 
 
+#: The names of a file's partial body and of its resume state, beside the file.
+PART_SUFFIX = ".part"
+META_SUFFIX = ".part.meta"
+SEGMENTS_SUFFIX = ".part.segments"
+
+
+def owner_name(path: str) -> str:
+    """The file a name belongs to: ``a/x`` for ``a/x.part``, ``a/x.part.meta`` and
+    ``a/x.part.segments``, else the name itself. A file and its partial files share one
+    claim and one lock: one URL's ``.part`` can never be another's file at the same time."""
+    for suffix in (SEGMENTS_SUFFIX, META_SUFFIX, PART_SUFFIX):
+        if path.endswith(suffix) and len(path) > len(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
 def safe_relpath(path: str) -> str:
     """Validate a relative path the user wrote (``out=``, ``dir=``).
 

@@ -39,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fetcher.redact import safe_url
+from fetcher.redact import redact, safe_url
+from fetcher.store.files import PRIVATE, no_link, open_fd, open_file, private_file, private_folder
+from fetcher.store.naming import resolve_in_store
 from fetcher.store.writer import hash_file
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ _CACHE_KIB = 32 * 1024  # the index of a big store stays in memory: reruns re-re
 _BATCH_SIZE = 500  # confirmations (uptodate records) written in one transaction...
 _BATCH_SECONDS = 1.0  # ...or after this long
 _LOCK_SPACE = 1 << 62  # byte offsets a path lock can take in files.lock
+#: Fields whose text may quote a URL or a header (an error, a mirror): redacted in output.
+_FREE_TEXT = ("error", "note", "mirror")
 #: Manifest fields, in the order they are written.
 MANIFEST_FIELDS = ("url", "status", "path", "size", "checksum", "algorithm", "http_status", "attempts",
                    "error", "note", "mirror", "run", "finished_at")
@@ -89,9 +93,13 @@ class StoredRecord:
     fetched_at: str | None = None  # when its bytes last came from the server (FILES_EXPIRES counts from it)
 
     def manifest(self) -> dict[str, Any]:
-        """The manifest line: every field as recorded, the URL without credentials."""
+        """The manifest line: every field as recorded, without credentials (the manifest,
+        the fetch spider's items and feeds, the queue's records all come from here)."""
         line = {name: getattr(self, name) for name in MANIFEST_FIELDS}
         line["url"] = safe_url(self.url)
+        for name in _FREE_TEXT:
+            if line[name]:
+                line[name] = redact(line[name])
         return line
 
     @property
@@ -111,14 +119,18 @@ class RecordStore:
         self.state_dir = state_dir
         self.manifest_path = manifest
         self.failed_path = failed_list
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(state_dir)
         manifest.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(state_dir / INDEX_NAME, timeout=_BUSY_TIMEOUT_MS / 1000,
+        index = state_dir / INDEX_NAME
+        for companion in ("-wal", "-shm"):  # SQLite opens these by name: no link may stand there
+            no_link(index.with_name(index.name + companion))
+        private_file(index)  # SQLite gives its -wal and -shm the index's mode
+        self._db = sqlite3.connect(index, timeout=_BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash of the process loses nothing committed
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        self._lock_fd = os.open(state_dir / "manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = open_fd(state_dir / "manifest.lock", os.O_RDWR | os.O_CREAT, PRIVATE)
         self._manifest_fd = -1
         self._manifest_ino = -1
         self._ok = True  # the last write went through (a full disk is reported once, not per file)
@@ -130,7 +142,7 @@ class RecordStore:
     def open(cls, state_dir: Path, manifest: Path, failed_list: Path, store_dir: Path | None = None) -> RecordStore:
         """Open (or create) the records; import a store that has a manifest but no index.
 
-        Blocking (the import hashes files): call it off the event loop."""
+        Blocking (the import hashes files, once per store): call it at start, before downloads."""
         store = cls(state_dir, manifest, failed_list)
         try:
             with store._locked(fcntl.LOCK_EX):
@@ -145,6 +157,18 @@ class RecordStore:
     def lookup(self, url: str) -> StoredRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM records WHERE url = ?", (url,)).fetchone()
         return None if row is None else StoredRecord(*row)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the last write of the records went through (see _report)."""
+        return self._ok
+
+    def owner_of(self, path: str) -> str | None:
+        """The URL whose finished file is at *path*, if any (a scan: for the rare case of
+        a name that is both one URL's finished file and another's ``.part``)."""
+        row = self._db.execute("SELECT url FROM records WHERE path = ? AND status != 'failed' LIMIT 1",
+                               (path,)).fetchone()
+        return None if row is None else str(row[0])
 
     def has_paths_outside(self, folder: str) -> bool:
         """Whether any recorded file lies outside *folder* (another layout's files)."""
@@ -222,7 +246,7 @@ class RecordStore:
                 if not (flagged or self.superseded) and self.manifest_path.exists():
                     return
                 tmp = self.manifest_path.with_name(f"{self.manifest_path.name}.{os.getpid()}.tmp")
-                with tmp.open("w", encoding="utf-8") as f:
+                with open_file(tmp, "w", encoding="utf-8") as f:
                     for record in self:
                         f.write(json.dumps(record.manifest(), ensure_ascii=False) + "\n")
                 os.replace(tmp, self.manifest_path)
@@ -241,12 +265,12 @@ class RecordStore:
                 self.failed_path.unlink(missing_ok=True)
                 return 0
             tmp = self.failed_path.with_name(f"{self.failed_path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open_file(tmp, "w", PRIVATE, encoding="utf-8") as f:
                 f.write(header)
                 for url, error, entry in rows:
                     # A bad list line cannot be retried as it is: it stays a comment to fix by hand.
-                    f.write(f"# {error or 'failed'}\n" + (f"{entry}\n" if entry else ""))
+                    comment = " ".join(redact(error or "failed").splitlines())  # one line: never read as an entry
+                    f.write(f"# {comment}\n" + (f"{entry}\n" if entry else ""))
             os.replace(tmp, self.failed_path)
         except OSError as exc:
             self._report(exc)
@@ -282,7 +306,7 @@ class RecordStore:
             if self._manifest_fd >= 0:
                 os.close(self._manifest_fd)
                 self._manifest_fd = -1
-            self._manifest_fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._manifest_fd = open_fd(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             self._manifest_ino = os.fstat(self._manifest_fd).st_ino
         return self._manifest_fd
 
@@ -318,7 +342,8 @@ class RecordStore:
         """Records of a store written before the index: a file is kept only if it
         still has the size and digest its record gives (each is hashed once)."""
         try:
-            lines = self.manifest_path.read_text(encoding="utf-8").splitlines()
+            with open_file(self.manifest_path, "r", encoding="utf-8") as f:
+                lines = f.read().splitlines()
         except FileNotFoundError:
             return 0
         finished_at = utc_now()
@@ -334,6 +359,8 @@ class RecordStore:
                 continue
             if record.status == "failed":
                 record.entry = record.url if "://" in record.url else None
+            elif not _in_store(old.get("path"), store_dir, record.url):
+                continue
             elif not _import_file(record, old, store_dir):
                 if not old.get("path"):
                     continue
@@ -349,11 +376,24 @@ class RecordStore:
         return count
 
 
+def _in_store(path: Any, store_dir: Path, url: str) -> bool:
+    """Whether an old manifest's *path* names a file inside the store (else its record is not imported)."""
+    if not path:
+        return True
+    try:
+        resolve_in_store(store_dir, str(path))
+    except ValueError as exc:
+        logger.warning("Not importing %s's record: its path %r is not a file in the store (%s)",
+                       safe_url(url), path, exc)
+        return False
+    return True
+
+
 def _import_file(record: StoredRecord, old: dict[str, Any], store_dir: Path) -> bool:
     path, algorithm, checksum = old.get("path"), old.get("algorithm"), old.get("checksum")
     if not (path and algorithm and checksum) or algorithm not in hashlib.algorithms_available:
         return False
-    final = store_dir / path
+    final = resolve_in_store(store_dir, path)  # checked by _in_store
     try:
         st = final.stat()
         size, digests = hash_file(final, (algorithm,))
@@ -375,8 +415,8 @@ class PathLocks:
     caller keeps its own map (POSIX locks do not exclude their own process)."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(state_dir / "files.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        private_folder(state_dir)
+        self._fd = open_fd(state_dir / "files.lock", os.O_RDWR | os.O_CREAT, PRIVATE)
 
     @staticmethod
     def _offset(path: str) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ from fetcher import signals
 from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
 from fetcher.items import BAD_LINE
+from fetcher.store.naming import owner_name
 from fetcher.store.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
 from fetcher.store.targets import RemoteTarget, Target
 
@@ -51,8 +54,11 @@ class RunRecords:
             self.records: RecordStore | None = RecordStore.open(
                 self.state_dir, self.manifest_path, self.failed_path, store_dir)
             self.locks = PathLocks(self.state_dir)
-        except OSError as exc:
-            raise StartupError(f"cannot open the store's records in {self.state_dir}: {exc.strerror or exc}") from exc
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"cannot open the store's records in {self.state_dir}: {why}") from None
+        self._own = self._own_names()
+        self._said_unwritten = False
         crawler.signals.connect(self.put, signal=signals.file_finished)
         crawler.signals.connect(self.close, signal=scrapy_signals.spider_closed)
 
@@ -60,6 +66,36 @@ class RunRecords:
         """Every URL's end (the pipeline's files and the spider's bad lines) becomes its current record."""
         if self.records is not None:
             self.records.put(self.stored(record), durable=record.status != "uptodate")
+            self._check_written(self.records)
+
+    def _check_written(self, records: RecordStore) -> None:
+        """Say once (records_unwritten) that the records are incomplete: the run cannot end well."""
+        if not records.ok and not self._said_unwritten:
+            self._said_unwritten = True
+            self.crawler.signals.send_catch_log(signals.records_unwritten)
+
+    def reserved(self, path: str) -> str | None:
+        """Why *path* (in the store) can never be a download's name: it is, holds, or lies in
+        one of the store's own files (the manifest, failed.txt, the state folder, their
+        temporary names); None when it may be one."""
+        name = owner_name(path)
+        for own in self._own:
+            if name == own or name.startswith(own + "/") or own.startswith(name + "/") or (
+                    name.startswith(own + ".") and name.endswith(".tmp")):
+                return f"{path} is the store's own {own} (its records): choose another name"
+        return None
+
+    def _own_names(self) -> tuple[str, ...]:
+        """The store's own files and folders, as names inside the store."""
+        if isinstance(self.target, RemoteTarget):
+            return ("manifest.jsonl",)  # the uploaded report
+        root = os.path.realpath(self.target.basedir)
+        names = []
+        for own in (self.manifest_path, self.failed_path, self.state_dir):
+            rel = os.path.relpath(os.path.realpath(own), root)
+            if rel != "." and not rel.startswith(".."):
+                names.append(rel.replace(os.sep, "/"))
+        return tuple(names)
 
     def stored(self, record: FileRecord) -> StoredRecord:
         """The store's record of how *record*'s URL ended (its manifest line)."""
@@ -104,6 +140,7 @@ class RunRecords:
                 f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n# {rerun}\n")
             if count:
                 logger.info("%d URLs of this store are failed (%s); %s", count, self.failed_path, rerun)
+            self._check_written(records)
             if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
                 try:
                     await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,9 +111,11 @@ class RemoteTarget(ABC):
         self.store = store
         self.uri = uri
         name = _slug(self.describe())  # never a password in a folder name
-        self.spool = Path(config.spool or Path(tempfile.gettempdir()) / "fetcher-spool" / name)
         state_home = os.path.expanduser(os.environ.get("XDG_STATE_HOME") or "~/.local/state")
         self.state_default = Path(state_home) / "fetcher" / name
+        # Bodies wait for their upload in the user's private state folder (made 0700 by the
+        # records), never in a guessable folder of the shared temporary directory.
+        self.spool = Path(config.spool) if config.spool else Path(config.state_dir or self.state_default) / "spool"
         self.part_size = config.multipart_threshold
 
     def local_path(self, path: str) -> Path:

@@ -20,11 +20,12 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from fetcher.store.files import open_file, write_atomically
+from fetcher.store.naming import META_SUFFIX, PART_SUFFIX
+
 if TYPE_CHECKING:
     from fetcher.contract import HeadersLike
 
-PART_SUFFIX = ".part"
-META_SUFFIX = ".part.meta"
 _READ_CHUNK = 1 << 20
 #: Bodies of at least this size (or of unknown size) get their resume validators on disk as
 #: they begin; smaller ones only if they are interrupted (no write per small file).
@@ -174,7 +175,7 @@ class HashingWriter:
         self.validators = validators
         if size != self._hashed:  # not hashed by an earlier attempt of this run
             self._reset_hashes()
-            with self.part.open("rb") as f:
+            with open_file(self.part, "rb") as f:
                 self._hashed = _hash_into(f, self._hashes, size)
         self.offset = self._hashed
 
@@ -219,7 +220,7 @@ class HashingWriter:
         self.validators = validators
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.part.open("r+b" if self.resumed_from else "wb")
+            self._file = open_file(self.part, "r+b" if self.resumed_from else "wb")
             if self.resumed_from:
                 self._file.seek(self.resumed_from)
                 self._file.truncate()
@@ -296,7 +297,7 @@ class HashingWriter:
         try:
             if self._file is None:  # a .part found complete: reopen it only to fsync it
                 if self.fsync:
-                    with self.part.open("rb") as f:
+                    with open_file(self.part, "rb") as f:
                         os.fsync(f.fileno())
             else:
                 self._file.flush()
@@ -324,7 +325,7 @@ class HashingWriter:
         writer's whole body: hash it, as a resumed prefix is hashed (blocking)."""
         self.close()
         self._reset_hashes()
-        with self.part.open("rb") as f:
+        with open_file(self.part, "rb") as f:
             self._hashed = _hash_into(f, self._hashes)
         self.size = self.offset = self._hashed
         self.validators, self.expected_size = validators, validators.length
@@ -345,7 +346,8 @@ class HashingWriter:
 
     def _read_meta(self) -> Validators | None:
         try:
-            data = json.loads(self.meta.read_text(encoding="utf-8"))
+            with open_file(self.meta, "r", encoding="utf-8") as f:
+                data = json.loads(f.read())
             return Validators(data["url"], data.get("etag"), data.get("last_modified"), data.get("length"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -355,14 +357,14 @@ class HashingWriter:
         v = self.validators
         assert v is not None
         record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length}
-        self.meta.write_text(json.dumps(record), encoding="utf-8")
+        write_atomically(self.meta, json.dumps(record).encode())
         self._meta_pending, self._meta_written = False, True
 
 
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
     """Size and digests of a finished file (for files found complete on disk)."""
     hashes = [hashlib.new(a) for a in algorithms]
-    with path.open("rb") as f:
+    with open_file(path, "rb") as f:
         size = _hash_into(f, hashes)
     return size, {a: h.hexdigest() for a, h in zip(algorithms, hashes, strict=True)}
 

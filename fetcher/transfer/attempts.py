@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fetcher.transfer.backoff import retry_after_seconds
 from fetcher.contract import CACHED_FLAG, DATALOSS_FLAG, SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
 from fetcher.items import FileRecord
-from fetcher.store.naming import INDEX_NAME
+from fetcher.store.naming import INDEX_NAME, PART_SUFFIX
 from fetcher.redact import safe_url
 from fetcher.transfer.retry import Action, Attempt, AttemptFailed, reason_of
 from fetcher.transfer.split import SplitDownload
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from scrapy.http import Request, Response
 
     from fetcher.config import Config
-    from fetcher.contract import Sink
+    from fetcher.contract import HeadersLike, Sink
     from fetcher.store.freshness import Freshness
     from fetcher.transfer.retry import Retrier
     from fetcher.listing.urllist import Entry
@@ -102,11 +102,11 @@ class Transfers:
             self._inflight.discard(transfer)
 
     async def head(self, request: Request) -> Response:
-        """The server's answer to a HEAD of *request* (streamed like a download, so it
-        goes through fetcher's handler: credentials, proxies and limits as for the body)."""
+        """The server's answer to a HEAD of *request*, through fetcher's handler (it carries a
+        sink that takes no body): credentials, proxies and limits as for the body itself."""
         head = request.replace(method="HEAD", headers={**request.headers.to_unicode_dict(),
                                                        "Accept-Encoding": "identity"},
-                               meta={**request.meta, "dont_retry": True})
+                               meta={**request.meta, SINK_META: _NO_BODY, "dont_retry": True})
         assert self.crawler.engine is not None
         return await self.crawler.engine.download_async(head)
 
@@ -129,6 +129,24 @@ class Transfers:
         self._turn += 1
         start = self._turn % len(urls)
         return urls[start:] + urls[:start]
+
+
+class _NoBody:
+    """The sink of a HEAD: it takes no body (fetcher's handler then answers with the headers)."""
+
+    expected_size = None
+
+    def begin(self, status: int, headers: HeadersLike) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("a HEAD has no body")
+
+    def finish(self, *, accept_short: bool = False) -> None:
+        pass
+
+
+_NO_BODY = _NoBody()
 
 
 class _FileTransfer:
@@ -158,6 +176,7 @@ class _FileTransfer:
                 if not (self.config.revalidate and (record.etag or record.last_modified)):
                     return record
                 conditional = Validators(self.entry.url, record.etag, record.last_modified).conditional()
+            self._check_part()
             if not await self._split(conditional):
                 await self._attempts(conditional)
         except AttemptFailed as failed:
@@ -166,6 +185,17 @@ class _FileTransfer:
             self.writer.close()
             record.elapsed = time.monotonic() - started
         return record
+
+    def _check_part(self) -> None:
+        """A ``.part`` is only ever this file's partial body: when its name is another URL's
+        finished file (``/x.part`` beside ``/x``), it is left alone and this file fails."""
+        if not self.writer.part.exists():
+            return
+        name = f"{self.record.path}{PART_SUFFIX}"
+        owner = self.shared.freshness.records.owner_of(name)
+        if owner is not None and owner != self.entry.url:
+            raise AttemptFailed(f"{name} is the file of another URL ({safe_url(owner)}); this file cannot be "
+                                "written beside it", reason="path conflict", retryable=False)
 
     async def _split(self, conditional: dict[str, str]) -> bool:
         """aria2's ``split=``: True when the file came as ranges (see fetcher.transfer.segments)."""

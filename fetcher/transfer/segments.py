@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fetcher.store.files import open_fd, open_file, write_atomically
+from fetcher.store.naming import PART_SUFFIX, SEGMENTS_SUFFIX
 from fetcher.store.writer import (
-    PART_SUFFIX,
     BodyError,
     LengthMismatch,
     ResumeMismatch,
@@ -28,7 +29,6 @@ from fetcher.store.writer import (
 if TYPE_CHECKING:
     from fetcher.contract import HeadersLike
 
-STATE_SUFFIX = ".part.segments"
 
 
 class RangesRefused(BodyError):
@@ -67,7 +67,7 @@ class SegmentState:
     """The segments of one ``.part`` and the validators they were fetched under."""
 
     def __init__(self, final: Path, validators: Validators, segments: list[Segment]) -> None:
-        self.path = final.with_name(final.name + STATE_SUFFIX)
+        self.path = final.with_name(final.name + SEGMENTS_SUFFIX)
         self.part = final.with_name(final.name + PART_SUFFIX)
         self.validators = validators
         self.segments = segments
@@ -78,7 +78,8 @@ class SegmentState:
         assert validators.length is not None
         state = cls(final, validators, [Segment(s, e) for s, e in plan(validators.length, split, min_size)])
         try:
-            saved = json.loads(state.path.read_text(encoding="utf-8"))
+            with open_file(state.path, "r", encoding="utf-8") as f:
+                saved = json.loads(f.read())
             same = (saved["url"], saved["etag"], saved["last_modified"], saved["length"]) == (
                 validators.url, validators.etag, validators.last_modified, validators.length)
             if same and state.part.stat().st_size == validators.length:
@@ -94,7 +95,7 @@ class SegmentState:
     def open(self) -> int:
         """The ``.part``, sized to the whole file, for the segments' writes."""
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_fd(self.part, os.O_RDWR | os.O_CREAT)
         try:
             os.ftruncate(fd, self.validators.length or 0)
         except OSError:
@@ -107,9 +108,7 @@ class SegmentState:
         v = self.validators
         data = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length,
                 "segments": [[s.start, s.end, s.done] for s in self.segments]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(data).encode())
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
