@@ -897,6 +897,8 @@ class Origin:
         if kind == "redirect" and len(parts) >= 4 and parts[2].isdigit() and "/".join(parts[3:]):
             n, target = int(parts[2]), "/".join(parts[3:])
             return self._redirect(f"/redirect/{n - 1}/{target}" if n > 0 else f"/{target}", req.query)
+        if kind == "goto" and "to" in params:  # an absolute redirect, to another origin too
+            return self._simple(302, f"redirecting to {params['to']}\n", [("Location", params["to"])])
         if kind == "loop" and len(parts) >= 3:
             return self._redirect(req.path, req.query)
         if kind == "loop2" and len(parts) >= 4 and parts[2] in ("a", "b"):

@@ -458,3 +458,15 @@ def test_gcs_without_credentials_stops_the_run(tmp_path: Path, origin: Origin) -
                        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
     origin.reset_stats()
     assert_cannot_start(fetch(listing(origin, SMALL[:1])), origin, "gs://bucket/files", "no-such-key.json")
+
+
+def test_out_cannot_name_the_uploaded_manifest(tmp_path: Path, ftpd: FTPd, origin: Origin) -> None:
+    """On a remote store the manifest is uploaded as manifest.jsonl beside the files:
+    an entry's out= cannot take that name, and the uploaded manifest stays the records'."""
+    fetch = FTPFetch(tmp_path, ftpd)
+    hostile, kept = f"{origin.url}/gen/1k/hostile.bin", f"{origin.url}/gen/1k/kept.bin"
+    run = fetch(f"{hostile} out=manifest.jsonl\n{kept}\n")
+    assert run.returncode == 1, run.log[-4000:]
+    records = by_url(fetch.remote_manifest())
+    assert records[hostile]["status"] == "failed" and "the store's own" in records[hostile]["error"]
+    assert records[kept]["status"] == "downloaded"

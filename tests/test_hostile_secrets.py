@@ -152,3 +152,15 @@ def test_a_cookie_header_reaches_the_server_as_given(fetch: Fetch, origin: Origi
     [seen] = [r for r in origin.stats.snapshot().requests if r["path"] == path]
     assert seen["headers"].get("cookie") == "session=abc; theme=dark", seen["headers"]
     assert (run.store / run.manifest[0]["path"]).read_bytes() == content_bytes("cookie.bin", 1024)
+
+
+def test_a_cookie_header_does_not_follow_a_redirect_to_another_host(fetch: Fetch, origin: Origin) -> None:
+    with Origin(host="127.0.0.2").start() as other:
+        target = f"{other.url}/gen/1k/elsewhere.bin"
+        run = fetch(f"{origin.url}/goto?to={target}\n  header=Cookie: session=abc\n")
+        assert run.returncode == 0, run.log[-3000:]
+        [there] = [r for r in other.stats.snapshot().requests if r["path"] == "/gen/1k/elsewhere.bin"]
+    [here] = [r for r in origin.stats.snapshot().requests if r["path"] == "/goto"]
+    assert here["headers"].get("cookie") == "session=abc"
+    assert "cookie" not in there["headers"], there["headers"]
+    assert (run.store / run.manifest[0]["path"]).read_bytes() == content_bytes("elsewhere.bin", 1024)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -426,3 +427,18 @@ def test_redis_lost_mid_enqueue(tmp_path: Path) -> None:
         assert time.monotonic() - start < 1
     finally:
         srv.stop()
+
+
+def test_a_dead_letter_carries_no_credentials(make: Callable[..., RedisQueue],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    lease = 0.5
+    url = "https://kim:PASSWORDx9@h/killer"
+    text = f"{url}\n  header=Authorization: Bearer TOKENx9"
+    w1, w2 = (make(name, lease=lease, max_deliveries=1) for name in ("w1", "w2"))
+    w1.enqueue([(url, text)])
+    assert len(w1.take(1)) == 1  # w1 dies with it: the next delivery is past max_deliveries=1
+    poll(lambda: w2.take(5) == [] and w2.drained(), 3 * lease + 10, "the dead-lettering")
+    [record] = list(w2.records())
+    shown = json.dumps(record) + caplog.text
+    assert "PASSWORDx9" not in shown and "TOKENx9" not in shown, shown
+    assert record["status"] == "failed" and record["url"] == "https://***@h/killer"

@@ -237,3 +237,17 @@ def test_a_queue_worker_keeps_no_memory_per_url() -> None:
         tracemalloc.stop()
         loop.close()
     assert grown < 512 * 1024, f"{grown:,} bytes kept for 100,000 URLs"
+
+
+def test_enqueue_shows_and_stores_no_credentials(fetch: Fetch, origin: Origin, redis_server: RedisServer) -> None:
+    """A bad line and a failing list URL, both with credentials: neither `scrapy enqueue`'s
+    output nor the queue's records (as `scrapy queue --manifest` writes them) hold them."""
+    queue_url = redis_server.url()
+    bad = f"http://kim:PASSWORDx9@127.0.0.1:{origin.port}/x.bin sha256=not-hex\n  header=Cookie: sid=TOKENx9\n"
+    first = scrapy(fetch, "enqueue", queue_url, "-", stdin=bad)
+    assert first.returncode == 1
+    listed = scrapy(fetch, "enqueue", queue_url, f"http://mo:PASSWORDx9@127.0.0.1:{origin.port}/status/404",
+                    "-s", "RETRY_TIMES=0")
+    assert listed.returncode == 1 and "cannot fetch the list" in listed.stderr
+    shown = json.dumps(merged_manifest(fetch, queue_url)) + first.stdout + first.stderr + listed.stderr
+    assert "PASSWORDx9" not in shown and "TOKENx9" not in shown, shown
