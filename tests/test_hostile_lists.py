@@ -24,6 +24,7 @@ import redis
 from tests.conftest import SCRAPY, Fetch
 from tests.origin import Origin, expected_digest
 from tests.redis_server import RedisServer
+from tests.test_queue_workers import queue_state
 
 # Short leases and idle time, so that workers end within seconds of the queue draining.
 QUEUE = {"FETCHER_QUEUE_LEASE": "2", "FETCHER_QUEUE_IDLE": "2", "FETCHER_PROGRESS": "log"}
@@ -82,17 +83,6 @@ def merged_manifest(fetch: Fetch, queue_url: str) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     text = out.read_bytes().decode("utf-8")  # strict: a record holds no undecodable bytes
     return [json.loads(line) for line in text.splitlines()]
-
-
-def queue_state(fetch: Fetch, queue_url: str) -> dict[str, int]:
-    proc = scrapy(fetch, "queue", queue_url)
-    assert proc.returncode == 0, proc.stderr
-    state = {}
-    for line in proc.stdout.splitlines():
-        key, _, value = line.strip().partition(":")
-        if value.strip().isdigit():
-            state[key] = int(value)
-    return state
 
 
 def sent_header(request: dict, name: str) -> str | None:

@@ -350,23 +350,9 @@ class RecordStore:
         count = 0
         self._db.execute("BEGIN IMMEDIATE")
         for text in lines:
-            try:
-                old = json.loads(text)
-                record = StoredRecord(old["url"], old["status"], run="imported", finished_at=finished_at,
-                                      error=old.get("error"), http_status=old.get("http_status"),
-                                      attempts=old.get("attempts") or 0)
-            except (ValueError, KeyError, TypeError):
+            record = _imported(text, store_dir, finished_at)
+            if record is None:
                 continue
-            if record.status == "failed":
-                record.entry = record.url if "://" in record.url else None
-            elif not _in_store(old.get("path"), store_dir, record.url):
-                continue
-            elif not _import_file(record, old, store_dir):
-                if not old.get("path"):
-                    continue
-                # A file that no longer matches (or is gone) keeps a record no stat matches: fetched again.
-                record.path, record.size, record.checksum = old["path"], old.get("size"), old.get("checksum")
-                record.algorithm, record.note = old.get("algorithm"), "did not match its record when imported"
             self._db.execute(
                 f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 tuple(asdict(record).values()),
@@ -374,6 +360,29 @@ class RecordStore:
             count += 1
         self._db.execute("COMMIT")
         return count
+
+
+def _imported(text: str, store_dir: Path, finished_at: str) -> StoredRecord | None:
+    """The record an old manifest's line gives, or None when it is not imported."""
+    try:
+        old = json.loads(text)
+        record = StoredRecord(old["url"], old["status"], run="imported", finished_at=finished_at,
+                              error=old.get("error"), http_status=old.get("http_status"),
+                              attempts=old.get("attempts") or 0)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if record.status == "failed":
+        record.entry = record.url if "://" in record.url else None
+        return record
+    if not _in_store(old.get("path"), store_dir, record.url):
+        return None
+    if not _import_file(record, old, store_dir):
+        if not old.get("path"):
+            return None
+        # A file that no longer matches (or is gone) keeps a record no stat matches: fetched again.
+        record.path, record.size, record.checksum = old["path"], old.get("size"), old.get("checksum")
+        record.algorithm, record.note = old.get("algorithm"), "did not match its record when imported"
+    return record
 
 
 def _in_store(path: Any, store_dir: Path, url: str) -> bool:
