@@ -63,6 +63,18 @@ class Run:
         return self.stderr
 
 
+# Runs a command as the only child of a fresh process and prints the child's peak RSS (KiB on
+# Linux) and its exit status. A child's high-water mark starts at its parent's (fork, then exec),
+# and the test process grows over a session: measured from it, a small crawl looks big.
+_MEASURE = """
+import resource, subprocess, sys
+stdin = open(sys.argv[1], "rb") if sys.argv[1] else subprocess.DEVNULL
+with open(sys.argv[2], "wb") as log:
+    code = subprocess.call(sys.argv[3:], stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+"""
+
+
 class Fetch:
     """Runs ``scrapy crawl fetch`` in its own working directory, as a user would."""
 
@@ -103,6 +115,19 @@ class Fetch:
             timeout=timeout,
         )
         return Run(proc.returncode, proc.stdout, proc.stderr, self.cwd)
+
+
+def measured(fetch: Fetch, *args: str, settings: dict[str, Any] | None = None, stdin: Path | None = None,
+             timeout: float = 180) -> tuple[Run, float]:
+    """``scrapy crawl fetch`` with *args* as :class:`Fetch` runs it, and its peak RSS in MiB."""
+    log = fetch.cwd / "crawl.log"
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(stdin or ""), str(log), *fetch.command(*args, settings=settings)],
+        check=False, cwd=fetch.cwd, env=fetch.env(), capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_kib, code = (int(x) for x in proc.stdout.split()[-2:])
+    return Run(code, "", log.read_bytes().decode("utf-8", "backslashreplace"), fetch.cwd), peak_kib / 1024
 
 
 @pytest.fixture(scope="session")

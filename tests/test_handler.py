@@ -90,8 +90,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     yield loop
     # Its shutdown stops the thread pool (whose threads would keep Python from exiting), then the loop.
     reactor.stop()
-    loop.call_later(10, loop.stop)
+    bound = loop.call_later(10, loop.stop)
     loop.run_forever()
+    bound.cancel()  # left pending, it would stop the loop under a later test that runs it
 
 
 def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> _T:

@@ -11,14 +11,12 @@ lines before the body.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Fetch, Run
+from tests.conftest import Fetch, Run, measured
 from tests.origin import Origin, expected_digest
 
 MiB = 1 << 20
@@ -43,30 +41,12 @@ def timed(fetch: Fetch, list_text: str, settings: dict[str, str]) -> tuple[Run, 
     return run, time.monotonic() - began
 
 
-def measured(fetch: Fetch, list_text: str, settings: dict[str, str] | None = None,
-             timeout: float = 180) -> tuple[Run, float, float]:
-    """The crawl of *list_text*, its peak RSS in MiB (its own, from wait4: not an earlier child's)
-    and how long it took, in seconds."""
+def measured_crawl(fetch: Fetch, list_text: str, settings: dict[str, str] | None = None) -> tuple[Run, float, float]:
+    """The crawl of *list_text*, its peak RSS in MiB, and how long it took in seconds."""
     (fetch.cwd / "urls.txt").write_text(list_text)
-    out, err = fetch.cwd / "stdout.txt", fetch.cwd / "stderr.txt"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(fetch.command("-a", "list=urls.txt", settings=settings), cwd=fetch.cwd,
-                                env=fetch.env(), stdout=stdout, stderr=stderr)
     began = time.monotonic()
-    deadline = began + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            proc.returncode = -9
-            pytest.fail(f"the crawl took over {timeout} s: {err.read_text()[-3000:]}")
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    run = Run(proc.returncode, out.read_text(), err.read_text(errors="replace"), fetch.cwd)
-    return run, usage.ru_maxrss / 1024, time.monotonic() - began
+    run, peak = measured(fetch, "-a", "list=urls.txt", settings=settings)
+    return run, peak, time.monotonic() - began
 
 
 def served(origin: Origin, path: str) -> list[dict]:
@@ -101,11 +81,11 @@ def test_headers_over_the_cap_fail_at_once_and_are_not_retried(fetch: Fetch, ori
 def test_64_mib_of_headers_cost_no_memory(fetch: Fetch, origin: Origin) -> None:
     """The headers are neither kept nor read past the cap: the server is cut off long before the
     body (64 MiB do not fit in the socket buffers), and the peak RSS is that of a plain run."""
-    plain, plain_peak, _ = measured(fetch, f"{origin.url}/gen/64k/plain-head.bin\n")
+    plain, plain_peak, _ = measured_crawl(fetch, f"{origin.url}/gen/64k/plain-head.bin\n")
     assert plain.returncode == 0, plain.log[-3000:]
     path = "/gen/64k/huge-head.bin"
     url = f"{origin.url}{path}?header_bytes=64m"
-    run, peak, took = measured(fetch, f"{url}\n", settings=SLOW_TIMEOUT)
+    run, peak, took = measured_crawl(fetch, f"{url}\n", settings=SLOW_TIMEOUT)
     print(f"peak RSS with 64 MiB of response headers: {peak:.1f} MiB (a plain run: {plain_peak:.1f} MiB)")
     assert_given_up_at_once(run, took, url, "response headers over 256 KiB (FETCHER_MAX_HEADER_SIZE)")
     assert peak * 1024 * 1024 < RSS_LIMIT_BYTES

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import SCRAPY, Fetch
+from tests.conftest import SCRAPY, Fetch, measured
 from tests.origin import Origin, expected_digest
 from tests.redis_server import RedisServer
 from tests.test_queue_workers import queue_state
@@ -30,17 +29,6 @@ from tests.test_queue_workers import queue_state
 QUEUE = {"FETCHER_QUEUE_LEASE": "2", "FETCHER_QUEUE_IDLE": "2", "FETCHER_PROGRESS": "log"}
 RSS_LIMIT_MIB = 200
 LONG_LINE_LIMIT = 100 * 1024  # no line of a log or failed.txt may be longer than this
-
-# Runs a command as the only child of a fresh process and prints the child's peak RSS (KiB on
-# Linux) and its exit status: earlier children of the test process do not count.
-MEASURE = """
-import resource, subprocess, sys
-stdin = open(sys.argv[1], "rb") if sys.argv[1] else subprocess.DEVNULL
-with open(sys.argv[2], "wb") as log:
-    code = subprocess.call(sys.argv[3:], stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
-"""
-
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
@@ -93,19 +81,6 @@ def sent_header(request: dict, name: str) -> str | None:
 
 def requests_to(origin: Origin, path: str) -> list[dict]:
     return [r for r in origin.stats.snapshot().requests if r["path"] == path and r["method"] == "GET"]
-
-
-def measured(fetch: Fetch, args: list[str], settings: dict[str, str], *, stdin: Path | None = None,
-             timeout: float = 180) -> tuple[int, float, str]:
-    """Run ``scrapy crawl fetch`` with *args*: (exit status, the crawl's peak RSS in MiB, its log)."""
-    log = fetch.cwd / "crawl.log"
-    proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(stdin or ""), str(log), *fetch.command(*args, settings=settings)],
-        check=False, cwd=fetch.cwd, env=fetch.env(), capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peak_kib, code = (int(x) for x in proc.stdout.split()[-2:])
-    return code, peak_kib / 1024, log.read_bytes().decode("utf-8", "backslashreplace")
 
 
 def longest_line(text: str) -> int:
@@ -329,7 +304,8 @@ def test_a_50_mb_line_in_a_gzip_list_is_a_bad_line_with_flat_memory(fetch: Fetch
     compressed = path.stat().st_size
     assert compressed < 100 * 1024  # about 51 KB on disk
     started = time.monotonic()
-    code, peak_mib, log = measured(fetch, ["-a", "list=list.gz"], {"FETCHER_PROGRESS": "log"})
+    run, peak_mib = measured(fetch, "-a", "list=list.gz", settings={"FETCHER_PROGRESS": "log"})
+    code, log = run.returncode, run.log
     took = time.monotonic() - started
     print(f"50 MB line in a {compressed / 1024:.0f} KiB gzip list: peak RSS {peak_mib:.1f} MiB, {took:.1f} s")
     assert code == 1, log[-3000:]
@@ -363,7 +339,8 @@ def _many_options(fetch: Fetch, origin: Origin, options: int) -> None:
             left -= n
         f.write(f"{u}/gen/2k/after-options.bin\n".encode())
     started = time.monotonic()
-    code, peak_mib, log = measured(fetch, ["-a", "list=options.txt"], {"FETCHER_PROGRESS": "log"}, timeout=300)
+    run, peak_mib = measured(fetch, "-a", "list=options.txt", settings={"FETCHER_PROGRESS": "log"}, timeout=300)
+    code, log = run.returncode, run.log
     took = time.monotonic() - started
     print(f"an entry of {options:,} option lines: peak RSS {peak_mib:.1f} MiB, {took:.1f} s")
     assert code == 1, log[-3000:]
