@@ -109,6 +109,10 @@ class StoredRecord:
 
 _COLUMNS = tuple(f.name for f in fields(StoredRecord))
 _ROW = operator.attrgetter(*_COLUMNS)
+_VALUES = f"({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+#: A URL's first record (no row changed when it has one); then _REPLACE.
+_INSERT_NEW = f"INSERT INTO records {_VALUES} ON CONFLICT (url) DO NOTHING"
+_REPLACE = f"INSERT OR REPLACE INTO records {_VALUES}"
 
 
 class RecordStore:
@@ -132,7 +136,6 @@ class RecordStore:
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         self._lock_fd = open_fd(state_dir / "manifest.lock", os.O_RDWR | os.O_CREAT, PRIVATE)
         self._manifest_fd = -1
-        self._manifest_ino = -1
         self._ok = True  # the last write went through (a full disk is reported once, not per file)
         self.superseded = 0  # manifest lines of this run that replaced an earlier line of their URL
         self._batch: list[StoredRecord] = []
@@ -203,26 +206,34 @@ class RecordStore:
         lines = b"".join((json.dumps(r.manifest(), ensure_ascii=False) + "\n").encode() for r in batch)
         try:
             with self._locked(fcntl.LOCK_SH):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    replaced = sum(bool(self._db.execute("SELECT 1 FROM records WHERE url = ?", (r.url,)).fetchone())
-                                   for r in batch)
-                    self._db.executemany(
-                        f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) "
-                        f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        [_ROW(r) for r in batch],
-                    )
-                    if replaced and not self.superseded:  # once per process: a killed run leaves it set
-                        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('superseded', '1')")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self.superseded += replaced
+                self.superseded += self._insert([_ROW(r) for r in batch])
                 os.write(self._manifest(), lines)
             self._ok = True
         except (OSError, sqlite3.Error) as exc:
             self._report(exc)
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> int:
+        """Commit *rows*; how many replaced an earlier record of their URL.
+
+        The common record, one new URL, is one statement in autocommit mode (its own
+        transaction, as durable as a BEGIN..COMMIT around it); a batch, or a record that
+        replaces one, is a transaction that also flags the manifest for compaction."""
+        if len(rows) == 1 and self._db.execute(_INSERT_NEW, rows[0]).rowcount:
+            return 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            replaced = 0
+            for row in rows:
+                if not self._db.execute(_INSERT_NEW, row).rowcount:
+                    self._db.execute(_REPLACE, row)
+                    replaced += 1
+            if replaced and not self.superseded:  # once per process: a killed run leaves it set
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('superseded', '1')")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return replaced
 
     def move_path(self, old: str, new: str) -> None:
         """A finished file moved inside the store (a name that became a folder):
@@ -297,17 +308,14 @@ class RecordStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _manifest(self) -> int:
-        """The manifest's descriptor, reopened when a compaction replaced the file."""
-        try:
-            ino = os.stat(self.manifest_path).st_ino
-        except FileNotFoundError:
-            ino = -2
-        if ino != self._manifest_ino:
-            if self._manifest_fd >= 0:
-                os.close(self._manifest_fd)
-                self._manifest_fd = -1
-            self._manifest_fd = open_fd(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            self._manifest_ino = os.fstat(self._manifest_fd).st_ino
+        """The manifest's descriptor, reopened when a compaction replaced the file (or it was
+        removed): the open file then has no name left, which an fstat tells without a path lookup."""
+        if self._manifest_fd >= 0 and os.fstat(self._manifest_fd).st_nlink:
+            return self._manifest_fd
+        if self._manifest_fd >= 0:
+            os.close(self._manifest_fd)
+            self._manifest_fd = -1
+        self._manifest_fd = open_fd(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         return self._manifest_fd
 
     def _report(self, exc: Exception) -> None:
@@ -353,10 +361,7 @@ class RecordStore:
             record = _imported(text, store_dir, finished_at)
             if record is None:
                 continue
-            self._db.execute(
-                f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                tuple(asdict(record).values()),
-            )
+            self._db.execute(_REPLACE, tuple(asdict(record).values()))
             count += 1
         self._db.execute("COMMIT")
         return count
