@@ -84,6 +84,7 @@ class FileRecord:
     fetched_at: str | None = None  # when the bytes of an up-to-date file came from the server
     finished_at: str | None = None  # when it ended (UTC, ISO 8601), set when its record is made
     response: Any = field(default=None, repr=False)  # the Response that brought the file, for file_stored
+    line: dict[str, Any] | None = field(default=None, repr=False)  # its manifest line, once recorded (made once)
 
     @property
     def url(self) -> str:

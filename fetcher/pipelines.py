@@ -218,7 +218,8 @@ class StreamingFilesPipeline(FilesPipeline):
                 return True, found  # the subclass decided, as in stock: no download, no record
             record = await self._fetch_once(request, item)
             if isinstance(item, FetchItem):  # the fetch spider's item: one URL, and its record
-                item.set_record(self.run_records.stored(record).manifest())
+                line = record.line  # made once, when it was recorded
+                item.set_record(line if line is not None else self.run_records.stored(record).manifest())
             if record.status != "failed":
                 result: FileInfo = {"url": request.url, "path": record.path or "", "checksum": record.checksum,
                                     "status": record.status}

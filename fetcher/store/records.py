@@ -139,6 +139,7 @@ class RecordStore:
         self._ok = True  # the last write went through (a full disk is reported once, not per file)
         self.superseded = 0  # manifest lines of this run that replaced an earlier line of their URL
         self._batch: list[StoredRecord] = []
+        self._lines: list[bytes] = []  # the batch's manifest lines
         self._batch_started = time.monotonic()
 
     @classmethod
@@ -186,24 +187,26 @@ class RecordStore:
 
     # -- writing
 
-    def put(self, record: StoredRecord, *, durable: bool = True) -> None:
+    def put(self, record: StoredRecord, *, durable: bool = True, line: dict[str, Any] | None = None) -> None:
         """Make *record* its URL's current record, in the index and the manifest.
 
         A durable record (a file downloaded, a failure) is committed at once. One
         that only confirms what the index holds (``uptodate``) may wait up to
         _BATCH_SECONDS or _BATCH_SIZE records to share a transaction: a rerun of
         a big store then writes (and SQLite's checkpoints read back) a few pages
-        per batch instead of a few per file; a kill loses only confirmations."""
+        per batch instead of a few per file; a kill loses only confirmations.
+        *line* is ``record.manifest()`` when the caller made it already."""
         self._batch.append(record)
+        self._lines.append((json.dumps(line or record.manifest(), ensure_ascii=False) + "\n").encode())
         if durable or len(self._batch) >= _BATCH_SIZE or time.monotonic() - self._batch_started >= _BATCH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         """Write the records waiting in the batch (see put)."""
         batch, self._batch, self._batch_started = self._batch, [], time.monotonic()
+        lines, self._lines = b"".join(self._lines), []
         if not batch:
             return
-        lines = b"".join((json.dumps(r.manifest(), ensure_ascii=False) + "\n").encode() for r in batch)
         try:
             with self._locked(fcntl.LOCK_SH):
                 self.superseded += self._insert([_ROW(r) for r in batch])

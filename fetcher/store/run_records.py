@@ -65,7 +65,9 @@ class RunRecords:
     def put(self, record: FileRecord) -> None:
         """Every URL's end (the pipeline's files and the spider's bad lines) becomes its current record."""
         if self.records is not None:
-            self.records.put(self.stored(record), durable=record.status != "uptodate")
+            stored = self.stored(record)
+            record.line = stored.manifest()  # the fetch spider's item takes it too: redacted and built once
+            self.records.put(stored, durable=record.status != "uptodate", line=record.line)
             self._check_written(self.records)
 
     def _check_written(self, records: RecordStore) -> None:
