@@ -66,9 +66,10 @@ class Summary:
         self.received += record.received
         self.stats.inc_value("fetcher/bytes", record.received)
         if record.status == "downloaded":
-            self.host_bytes[record.host] += record.received
-            self.host_time[record.host] += record.elapsed
-            self.host_files[record.host] += 1
+            host = record.host  # a urlsplit: once per file
+            self.host_bytes[host] += record.received
+            self.host_time[host] += record.elapsed
+            self.host_files[host] += 1
         elif record.status == "failed":
             reason = record.reason or "failed"
             self.failure_counts[reason] += 1
