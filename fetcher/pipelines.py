@@ -242,7 +242,7 @@ class StreamingFilesPipeline(FilesPipeline):
         """Fetch a file unless the same path is being fetched already."""
         entry: Entry = request.meta[ENTRY_META]
         try:
-            path = self._settle(self._path_for(request, None, item))
+            path, final = self._settle(self._path_for(request, None, item))
         except AttemptFailed as failed:
             return self._finished(FileRecord(entry, "failed", error=str(failed), reason=failed.reason))
         if (why := self.run_records.reserved(path)) is not None:  # an out= or dir= aimed at the records
@@ -260,7 +260,7 @@ class StreamingFilesPipeline(FilesPipeline):
             async with contextlib.AsyncExitStack() as held:
                 try:
                     await held.enter_async_context(self._owning(path))
-                    record = await self._fetch(request, entry, path, item, held)
+                    record = await self._fetch(request, entry, path, final, item, held)
                 except AttemptFailed as failed:  # stopped while another process had the file
                     record = FileRecord(entry, "failed", error=str(failed), reason=failed.reason)
                 # Recorded while the path is still ours: another process that takes it
@@ -271,10 +271,11 @@ class StreamingFilesPipeline(FilesPipeline):
         future.set_result(record)
         return record
 
-    async def _fetch(self, request: Request, entry: Entry, path: str, item: Any,
+    async def _fetch(self, request: Request, entry: Entry, path: str, final: Path | None, item: Any,
                      held: contextlib.AsyncExitStack) -> FileRecord:
+        """Fetch *path* into *final* (_settle's, or None: resolved here, which says why it cannot be)."""
         try:
-            final = self.target.local_path(path)
+            final = final or self.target.local_path(path)
         except ValueError as exc:
             return FileRecord(entry, "failed", error=f"unsafe path {path!r}: {exc}", reason="unsafe path")
         if isinstance(self.target, LocalTarget):
@@ -325,15 +326,19 @@ class StreamingFilesPipeline(FilesPipeline):
         owner = run_key(urldefrag(url)[0])
         return self._claims.setdefault(run_key(owner_name(path)), owner) == owner
 
-    def _settle(self, path: str) -> str:
+    def _settle(self, path: str) -> tuple[str, Path | None]:
         """wget's rule for a name that is also a folder (``/a`` and ``/a/b`` in one
-        store): the file is saved as ``<name>/index.html``, like a URL ending in "/"."""
+        store): the file is saved as ``<name>/index.html``, like a URL ending in "/".
+        Returns the name and, in a local store, where it is written (resolved once per file)."""
         if isinstance(self.target, RemoteTarget):
-            return path
+            return path, None
         try:
-            return f"{path}/{INDEX_NAME}" if self.target.local_path(path).is_dir() else path
+            final = self.target.local_path(path)
         except ValueError:  # an unsafe path: _fetch says so
-            return path
+            return path, None
+        if final.is_dir():
+            return f"{path}/{INDEX_NAME}", None  # its own name is checked by _fetch (it may be a link)
+        return path, final
 
     async def _clear_parents(self, path: str, final: Path) -> None:
         """The other half of the rule: a finished file where a folder is needed moves
