@@ -665,3 +665,55 @@ def test_no_pipeline_is_a_clear_error(fetch: Fetch, origin: Origin) -> None:
     assert re.search(r"ERROR: .*ITEM_PIPELINES", run.log), run.log[-3000:]
     no_traceback(run.log)
     assert origin.stats.hits == 0
+
+
+def _manifest_urls(path: Path) -> list[str]:
+    return [json.loads(line)["url"] for line in path.read_text().splitlines()]
+
+
+def test_replacing_records_flags_the_manifest_for_compaction(tmp_path: Path) -> None:
+    """A new URL's record is one statement, a replacement a transaction that flags the
+    manifest: a run killed before compacting leaves the flag for the next run."""
+    import sqlite3
+
+    from fetcher.store.records import INDEX_NAME, RecordStore, StoredRecord
+
+    state, manifest = tmp_path / "state", tmp_path / "manifest.jsonl"
+    store = RecordStore.open(state, manifest, tmp_path / "failed.txt")
+    store.compact()  # a new store's first compaction (the flag its schema sets)
+    store.put(StoredRecord("http://h/a", "downloaded", path="a", size=1))
+    store.put(StoredRecord("http://h/b", "failed", error="HTTP 404"))
+    assert store.superseded == 0
+    flagged = "SELECT value FROM meta WHERE key = 'superseded'"
+    with sqlite3.connect(state / INDEX_NAME) as db:
+        assert db.execute(flagged).fetchone() is None
+    store.put(StoredRecord("http://h/a", "uptodate", path="a", size=1), durable=False)
+    store.put(StoredRecord("http://h/c", "uptodate", path="c", size=1), durable=False)
+    store.put(StoredRecord("http://h/b", "downloaded", path="b", size=2))  # flushes the batch with it
+    assert store.superseded == 2
+    with sqlite3.connect(state / INDEX_NAME) as db:  # what a killed run leaves: the flag is committed
+        assert db.execute(flagged).fetchone() == ("1",)
+        assert db.execute("SELECT url, status FROM records ORDER BY url").fetchall() == [
+            ("http://h/a", "uptodate"), ("http://h/b", "downloaded"), ("http://h/c", "uptodate")]
+    assert _manifest_urls(manifest) == ["http://h/a", "http://h/b", "http://h/a", "http://h/c", "http://h/b"]
+    store.compact()
+    assert sorted(_manifest_urls(manifest)) == ["http://h/a", "http://h/b", "http://h/c"]
+    store.close()
+
+
+def test_appends_follow_a_manifest_another_process_replaced(tmp_path: Path) -> None:
+    """A compaction by another process replaces the manifest: the next line goes to the new file."""
+    from fetcher.store.records import RecordStore, StoredRecord
+
+    manifest = tmp_path / "manifest.jsonl"
+    store = RecordStore.open(tmp_path / "state", manifest, tmp_path / "failed.txt")
+    store.put(StoredRecord("http://h/a", "failed", error="x"))
+    replacement = tmp_path / "manifest.new"
+    replacement.write_text(manifest.read_text())
+    os.replace(replacement, manifest)
+    store.put(StoredRecord("http://h/b", "failed", error="x"))
+    assert _manifest_urls(manifest) == ["http://h/a", "http://h/b"]
+    manifest.unlink()  # removed by hand: made again
+    store.put(StoredRecord("http://h/c", "failed", error="x"))
+    store.close()
+    assert _manifest_urls(manifest) == ["http://h/c"]
