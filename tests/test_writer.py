@@ -251,3 +251,16 @@ def test_disk_that_cannot_hold_the_file_fails_before_writing(tmp_path: Path,
         w.write(BODY[:65536])
     assert not caught.value.retryable and not caught.value.keeps_part
     assert w.part.stat().st_size == 0 and w.transferred == 0
+
+
+def test_big_body_hashed_on_a_worker_thread_has_the_digest_of_its_bytes(tmp_path: Path) -> None:
+    data = (BODY * 9)[: BIG + 12345]  # batches of 1 MiB and a last short one
+    w = HashingWriter(tmp_path / "big.bin", "http://h/big.bin", ("sha256", "md5"))
+    w.prepare()
+    assert w.begin(200, headers(Content_Length=str(len(data)), ETag='"v1"'))
+    fill(w, data, chunk=65_000)
+    w.finish()
+    digests = w.hexdigests()
+    w.commit()
+    assert digests == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+    assert (tmp_path / "big.bin").read_bytes() == data

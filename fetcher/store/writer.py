@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -39,6 +40,10 @@ _ALLOCATE_MIN = 5 << 20
 #: While a preallocated body flows, its offset is saved in .part.meta this often (seconds): a
 #: kill -9 costs at most this long's bytes again (the .part's size says nothing then).
 _CHECKPOINT_INTERVAL = 0.25
+#: Bodies of at least _ALLOCATE_MIN are hashed on a worker thread (hashlib lets go of the GIL),
+#: handed over in batches of this many bytes: one batch hashed and one gathered per body at most.
+_HASH_BATCH = 1 << 20
+_HASH_POOL: list[ThreadPoolExecutor] = []  # made on first use
 #: Errors that say the filesystem cannot preallocate (the body is then written as it comes).
 _NO_ALLOCATION = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -167,7 +172,7 @@ class HashingWriter:
         self.size = 0  # bytes in .part now
         self.expected_size: int | None = None
         self.validators: Validators | None = None
-        self._hashes = [hashlib.new(a) for a in algorithms]
+        self._hashes = _Hashes(algorithms)
         self._hashed = 0  # how many bytes of .part the hashes cover
         self._file: BinaryIO | None = None
         self.resumed_from = 0  # offset the current body was appended at
@@ -205,7 +210,7 @@ class HashingWriter:
         if size != self._hashed:  # not hashed by an earlier attempt of this run
             self._reset_hashes()
             with open_file(self.part, "rb") as f:
-                self._hashed = _hash_into(f, self._hashes, size)
+                self._hashed = _hash_into(f, self._hashes.objects, size)
         self.offset = self._hashed
 
     def resumable(self) -> bool:
@@ -256,6 +261,7 @@ class HashingWriter:
             self.size = self._hashed = self.resumed_from
             # Preallocated on the first write, once the handler's own size cap passed too.
             self._allocate_at = total if self._allocates(total) else None
+            self._hashes.threaded = total is not None and total - self.resumed_from >= _ALLOCATE_MIN
             self._tracks_offset = self.resume and self._allocate_at is not None
             self._meta_pending = self.resume
             if self.resume and (total is None or total - self.resumed_from >= _META_EAGER):
@@ -295,8 +301,7 @@ class HashingWriter:
             self._file.write(data)
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
-        for h in self._hashes:
-            h.update(data)
+        self._hashes.update(data)
         self.size = self._hashed = size
         if self._tracks_offset and time.monotonic() >= self._checkpoint_at:
             self._checkpoint()
@@ -342,12 +347,13 @@ class HashingWriter:
     # -- after the request, owned by the pipeline
 
     def hexdigests(self) -> dict[str, str]:
-        return {a: h.hexdigest() for a, h in zip(self.algorithms, self._hashes, strict=True)}
+        return self._hashes.hexdigests()
 
     def close(self) -> None:
         """Close the .part file, keeping it (and its validators) for a later resume; a
         preallocated one is cut to the bytes written, never left padded with zeros."""
         flushed = True
+        self._hashes.drain()
         if self._file is not None:
             try:
                 if self._tracks_offset:
@@ -403,7 +409,7 @@ class HashingWriter:
         self.close()
         self._reset_hashes()
         with open_file(self.part, "rb") as f:
-            self._hashed = _hash_into(f, self._hashes)
+            self._hashed = _hash_into(f, self._hashes.objects)
         self.size = self.offset = self._hashed
         self.validators, self.expected_size = validators, validators.length
 
@@ -418,7 +424,7 @@ class HashingWriter:
         self._reset_hashes()
 
     def _reset_hashes(self) -> None:
-        self._hashes = [hashlib.new(a) for a in self.algorithms]
+        self._hashes = _Hashes(self.algorithms)
         self._hashed = 0
 
     def _read_meta(self) -> tuple[Validators | None, int | None]:
@@ -444,6 +450,59 @@ class HashingWriter:
             record["offset"] = self.size
         write_atomically(self.meta, json.dumps(record).encode())
         self._meta_pending, self._meta_written = False, True
+
+
+class _Hashes:
+    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread so
+    the reactor thread only receives and writes: in order, with at most one batch being hashed
+    and one being gathered (memory stays flat)."""
+
+    def __init__(self, algorithms: tuple[str, ...]) -> None:
+        self.algorithms = algorithms
+        self.objects = [hashlib.new(a) for a in algorithms]
+        self.threaded = False
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._running: Future[None] | None = None
+
+    def update(self, data: bytes) -> None:
+        if not self.threaded:
+            for h in self.objects:
+                h.update(data)
+            return
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= _HASH_BATCH:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._wait()  # the previous batch first: the digest is of the bytes in order
+        batch, self._batch, self._batched = self._batch, [], 0
+        if not _HASH_POOL:
+            _HASH_POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-hash"))
+        self._running = _HASH_POOL[0].submit(_update_all, self.objects, batch)
+
+    def _wait(self) -> None:
+        if self._running is not None:
+            self._running.result()
+            self._running = None
+
+    def drain(self) -> None:
+        """Every byte given so far is in the digests once this returns."""
+        if self._batch:
+            self._hand_over()
+        self._wait()
+
+    def hexdigests(self) -> dict[str, str]:
+        self.drain()
+        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.objects, strict=True)}
+
+
+def _update_all(hashes: list[Any], batch: list[bytes]) -> None:
+    """On a worker thread: one update per hash of the joined batch (the GIL is let go meanwhile)."""
+    data = b"".join(batch)
+    for h in hashes:
+        h.update(data)
 
 
 def allocate(fd: int, start: int, end: int, how: str) -> None:
