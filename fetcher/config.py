@@ -16,9 +16,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fetcher.transfer.backoff import Backoff
 from fetcher.exceptions import StartupError
 from fetcher.store.writer import ALLOCATIONS
+from fetcher.transfer.backoff import Backoff
 from fetcher.transfer.ratelimit import parse_rate
 
 if TYPE_CHECKING:

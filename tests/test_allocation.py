@@ -52,8 +52,8 @@ def test_preallocated_part_resumes_after_kill_9(fetch: Fetch, origin: Origin) ->
     assert origin.stats.bytes_by_path[path] < size + MiB  # the kill -9 test's allowance
 
 
-def test_disk_that_cannot_hold_a_preallocated_file_fails_it_at_once(fetch: Fetch, origin: Origin,
-                                                                   small_disk: Path) -> None:
+def test_disk_that_cannot_hold_a_preallocated_file_fails_it_at_once(
+        fetch: Fetch, origin: Origin, small_disk: Path) -> None:  # noqa: F811 (the fixture imported above)
     path = "/gen/8m/toobig.bin"
     run = fetch(f"{origin.url}{path}  out=toobig.bin\n",
                 settings={"FILES_STORE": str(small_disk), "RETRY_TIMES": 3})

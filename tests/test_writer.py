@@ -264,3 +264,21 @@ def test_big_body_hashed_on_a_worker_thread_has_the_digest_of_its_bytes(tmp_path
     w.commit()
     assert digests == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
     assert (tmp_path / "big.bin").read_bytes() == data
+
+
+def test_a_disk_error_on_the_worker_thread_fails_the_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from fetcher.store.writer import StorageError
+
+    def broken(fd: int, data: object, at: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    w = _begin_big(tmp_path / "big.bin", "none")
+    monkeypatch.setattr(os, "pwrite", broken)
+    with pytest.raises(StorageError, match="Input/output error") as caught:
+        fill(w, BODY * 3)  # the first batch fails on the worker; the next hand-over says so
+        w.finish()
+    assert not caught.value.retryable
+    w.close()  # no second error, the .part kept or dropped by the caller

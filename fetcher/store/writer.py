@@ -40,10 +40,11 @@ _ALLOCATE_MIN = 5 << 20
 #: While a preallocated body flows, its offset is saved in .part.meta this often (seconds): a
 #: kill -9 costs at most this long's bytes again (the .part's size says nothing then).
 _CHECKPOINT_INTERVAL = 0.25
-#: Bodies of at least _ALLOCATE_MIN are hashed on a worker thread (hashlib lets go of the GIL),
-#: handed over in batches of this many bytes: one batch hashed and one gathered per body at most.
+#: Bodies of at least _ALLOCATE_MIN (known length) are written and hashed on a worker thread
+#: (os.pwrite and hashlib let go of the GIL), handed over in batches of this many bytes: one batch
+#: written and one gathered per body at most.
 _HASH_BATCH = 1 << 20
-_HASH_POOL: list[ThreadPoolExecutor] = []  # made on first use
+_WORKERS: list[ThreadPoolExecutor] = []  # made on first use
 #: Errors that say the filesystem cannot preallocate (the body is then written as it comes).
 _NO_ALLOCATION = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -98,8 +99,8 @@ class DiskFull(StorageError):
 
     def __init__(self, path: Path, exc: OSError, needed: int) -> None:
         super().__init__(path, exc)
-        self.args = (f"cannot write {path}: the disk cannot hold {human_size(needed)} "
-                     f"({exc.strerror or exc})",)
+        message = f"cannot write {path}: the disk cannot hold {human_size(needed)} ({exc.strerror or exc})"
+        self.args = (message,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +263,7 @@ class HashingWriter:
             # Preallocated on the first write, once the handler's own size cap passed too.
             self._allocate_at = total if self._allocates(total) else None
             self._hashes.threaded = total is not None and total - self.resumed_from >= _ALLOCATE_MIN
+            self._hashes.fd = None  # the worker gets this body's file on its first write
             self._tracks_offset = self.resume and self._allocate_at is not None
             self._meta_pending = self.resume
             if self.resume and (total is None or total - self.resumed_from >= _META_EAGER):
@@ -298,19 +300,31 @@ class HashingWriter:
             self._allocate()
         self.transferred += len(data)
         try:
-            self._file.write(data)
-        except OSError as exc:
+            if self._hashes.threaded:
+                self._hand_over(data)
+            else:
+                self._file.write(data)
+                self._hashes.update(data)
+        except OSError as exc:  # a worker's error shows at the next hand-over
             raise StorageError(self.part, exc) from exc
-        self._hashes.update(data)
         self.size = self._hashed = size
         if self._tracks_offset and time.monotonic() >= self._checkpoint_at:
             self._checkpoint()
+
+    def _hand_over(self, data: bytes) -> None:
+        """A big body's bytes go to the worker, which writes them at their offset and hashes them."""
+        assert self._file is not None
+        if self._hashes.fd is None:
+            self._file.flush()
+            self._hashes.fd, self._hashes.at = self._file.fileno(), self.size
+        self._hashes.update(data)
 
     def _checkpoint(self) -> None:
         """Save the offset of a preallocated body: its bytes first, then the number (so a
         kill -9 never leaves an offset past what was written)."""
         assert self._file is not None
         try:
+            self._hashes.drain()  # the offset saved is of bytes the worker wrote
             self._file.flush()
             self._save_meta()
         except OSError as exc:
@@ -321,6 +335,10 @@ class HashingWriter:
         """The body ended: check its length against what was announced. With
         *accept_short* (the request asked to keep bodies cut short, as stock
         DOWNLOAD_FAIL_ON_DATALOSS=False does) fewer bytes are the file: its size is what arrived."""
+        try:
+            self._hashes.drain()
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
         if accept_short and self.expected_size is not None and self.size < self.expected_size:
             return
         if self.expected_size is not None and self.size != self.expected_size:
@@ -353,14 +371,12 @@ class HashingWriter:
         """Close the .part file, keeping it (and its validators) for a later resume; a
         preallocated one is cut to the bytes written, never left padded with zeros."""
         flushed = True
-        self._hashes.drain()
         if self._file is not None:
-            try:
-                if self._tracks_offset:
-                    self._trim()
-                self._file.close()
-            except OSError:  # buffered bytes did not reach the disk: hash the .part again from disk
-                self._hashed, flushed = -1, False
+            for step in (self._trim if self._tracks_offset else self._hashes.drain, self._file.close):
+                try:
+                    step()
+                except OSError:  # bytes did not reach the disk: hash the .part again from disk
+                    self._hashed, flushed = -1, False
             self._file = None
         if self.size and (self._meta_pending or (self._tracks_offset and flushed)):
             with contextlib.suppress(OSError):  # without them the next attempt starts over: no harm
@@ -370,6 +386,7 @@ class HashingWriter:
     def _trim(self) -> None:
         """Cut the open .part to the bytes written (the rest of a preallocation goes)."""
         assert self._file is not None
+        self._hashes.drain()
         self._file.flush()
         os.ftruncate(self._file.fileno(), self.size)
 
@@ -453,9 +470,10 @@ class HashingWriter:
 
 
 class _Hashes:
-    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread so
-    the reactor thread only receives and writes: in order, with at most one batch being hashed
-    and one being gathered (memory stays flat)."""
+    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread that
+    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives. In
+    order, with at most one batch being written and one being gathered (memory stays flat); a
+    worker's OSError is raised by the next hand-over or ``drain``."""
 
     def __init__(self, algorithms: tuple[str, ...]) -> None:
         self.algorithms = algorithms
@@ -464,6 +482,8 @@ class _Hashes:
         self._batch: list[bytes] = []
         self._batched = 0
         self._running: Future[None] | None = None
+        self.fd: int | None = None
+        self.at = 0
 
     def update(self, data: bytes) -> None:
         if not self.threaded:
@@ -477,15 +497,16 @@ class _Hashes:
 
     def _hand_over(self) -> None:
         self._wait()  # the previous batch first: the digest is of the bytes in order
-        batch, self._batch, self._batched = self._batch, [], 0
-        if not _HASH_POOL:
-            _HASH_POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-hash"))
-        self._running = _HASH_POOL[0].submit(_update_all, self.objects, batch)
+        batch, size, self._batch, self._batched = self._batch, self._batched, [], 0
+        if not _WORKERS:
+            _WORKERS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-body"))
+        self._running = _WORKERS[0].submit(_update_all, self.objects, batch, self.fd, self.at)
+        self.at += size
 
     def _wait(self) -> None:
-        if self._running is not None:
-            self._running.result()
-            self._running = None
+        running, self._running = self._running, None
+        if running is not None:
+            running.result()
 
     def drain(self) -> None:
         """Every byte given so far is in the digests once this returns."""
@@ -498,9 +519,15 @@ class _Hashes:
         return {a: h.hexdigest() for a, h in zip(self.algorithms, self.objects, strict=True)}
 
 
-def _update_all(hashes: list[Any], batch: list[bytes]) -> None:
-    """On a worker thread: one update per hash of the joined batch (the GIL is let go meanwhile)."""
+def _update_all(hashes: list[Any], batch: list[bytes], fd: int | None, at: int) -> None:
+    """On a worker thread: the joined batch written at *at* (when *fd*), then one update per
+    hash (the GIL is let go during both)."""
     data = b"".join(batch)
+    if fd is not None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
     for h in hashes:
         h.update(data)
 
