@@ -16,8 +16,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fetcher.transfer.backoff import Backoff
 from fetcher.exceptions import StartupError
+from fetcher.store.writer import ALLOCATIONS
+from fetcher.transfer.backoff import Backoff
 from fetcher.transfer.ratelimit import parse_rate
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_RESUME": True,  # continue a .part file with Range/If-Range instead of starting over
     "FETCHER_REVALIDATE": False,  # ask the server (If-None-Match/If-Modified-Since) about finished files
     "FETCHER_FSYNC": False,  # fsync each file before renaming it into place
+    "FETCHER_FILE_ALLOCATION": "falloc",  # aria2's --file-allocation for bodies of 5 MiB or more: none, prealloc, trunc, falloc
     "FETCHER_STALL_TIMEOUT": None,  # seconds without body bytes before an attempt is abandoned; None: DOWNLOAD_TIMEOUT
     "FETCHER_MAX_TIME": 0,  # seconds one attempt may take in all (0: no limit)
     "FETCHER_MAX_HEADER_SIZE": 256 * 1024,  # bytes of response headers; more fails the attempt, not retried
@@ -92,6 +94,7 @@ class Config:
     resume: bool
     revalidate: bool
     fsync: bool
+    file_allocation: str
     stall_timeout: float  # resolved: DOWNLOAD_TIMEOUT when unset
     max_time: float
     max_header_size: int
@@ -143,6 +146,7 @@ class Config:
             resume=r.bool("FETCHER_RESUME"),
             revalidate=r.bool("FETCHER_REVALIDATE"),
             fsync=r.bool("FETCHER_FSYNC"),
+            file_allocation=r.choice("FETCHER_FILE_ALLOCATION", ALLOCATIONS),
             stall_timeout=r.settings.getfloat("DOWNLOAD_TIMEOUT") if stall in (None, "")
             else r.seconds("FETCHER_STALL_TIMEOUT"),
             max_time=r.seconds("FETCHER_MAX_TIME"),

@@ -173,3 +173,112 @@ def test_error_status_writes_nothing(tmp_path: Path) -> None:
     w.prepare()
     assert not w.begin(404, headers())
     assert not w.part.exists()
+
+
+# -- preallocation (FETCHER_FILE_ALLOCATION) ----------------------------------------------
+
+BIG = 8 << 20  # over the 5 MiB below which nothing is preallocated
+
+
+def _begin_big(final: Path, allocation: str = "falloc", **kwargs: object) -> HashingWriter:
+    w = HashingWriter(final, "http://h/big.bin", ("sha256",), allocation=allocation, **kwargs)  # type: ignore[arg-type]
+    w.prepare()
+    assert w.begin(200, headers(Content_Length=str(BIG), ETag='"v1"'))
+    return w
+
+
+@pytest.mark.parametrize("allocation", ["falloc", "trunc", "prealloc"])
+def test_preallocated_part_keeps_its_offset_in_the_meta(tmp_path: Path, allocation: str) -> None:
+    w = _begin_big(tmp_path / "big.bin", allocation)
+    fill(w, BODY * 2)
+    assert w.part.stat().st_size == BIG  # the whole file's length from the first write
+    w._checkpoint()  # as the timer does while the body flows; then a kill -9 (no close)
+    fill(w, BODY)  # written after the last checkpoint: not trusted by the next process
+    w._file.flush()  # type: ignore[union-attr]
+    again = HashingWriter(tmp_path / "big.bin", "http://h/big.bin", ("sha256",), allocation=allocation)
+    again.prepare()
+    assert again.range_headers()["Range"] == f"bytes={2 * len(BODY)}-"
+    assert again.hexdigests() == {"sha256": hashlib.sha256(BODY * 2).hexdigest()}
+
+
+def test_closed_or_short_preallocated_part_is_cut_to_its_bytes(tmp_path: Path) -> None:
+    w = _begin_big(tmp_path / "big.bin")
+    fill(w, BODY)
+    w.close()  # the connection dropped: no zeros are left after the bytes
+    assert w.part.stat().st_size == len(BODY)
+    w = _begin_big(tmp_path / "short.bin")
+    fill(w, BODY)
+    w.finish(accept_short=True)  # DOWNLOAD_FAIL_ON_DATALOSS=False: what arrived is the file
+    w.commit()
+    assert (tmp_path / "short.bin").read_bytes() == BODY and not w.meta.exists()
+
+
+def test_nothing_is_preallocated_past_max_size_or_for_small_files(tmp_path: Path) -> None:
+    small = HashingWriter(tmp_path / "s.bin", "http://h/s.bin", ("sha256",), allocation="falloc")
+    small.prepare()
+    small.begin(200, headers(Content_Length=str(len(BODY) * 4), ETag='"v1"'))  # 4 MB: under 5 MiB
+    small.write(BODY[:1000])
+    small.close()
+    assert small.part.stat().st_size == 1000
+    with pytest.raises(FileTooLarge):
+        _begin_big(tmp_path / "big.bin", max_size=BIG - 1)
+    assert not (tmp_path / "big.bin.part").exists()
+
+
+def test_old_meta_without_offset_resumes_from_the_part_size(tmp_path: Path) -> None:
+    final = tmp_path / "a.bin"
+    final.with_name("a.bin.part").write_bytes(BODY[:300_000])
+    final.with_name("a.bin.part.meta").write_text('{"url": "http://h/a.bin", "etag": "\\"v1\\"", '
+                                                   '"last_modified": null, "length": null}')
+    w = HashingWriter(final, "http://h/a.bin", ("sha256",), allocation="falloc")
+    w.prepare()
+    assert w.range_headers()["Range"] == "bytes=300000-"
+
+
+def test_disk_that_cannot_hold_the_file_fails_before_writing(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from fetcher.store.writer import StorageError
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    w = _begin_big(tmp_path / "big.bin")
+    with pytest.raises(StorageError, match=r"the disk cannot hold 8\.0 MiB") as caught:
+        w.write(BODY[:65536])
+    assert not caught.value.retryable and not caught.value.keeps_part
+    assert w.part.stat().st_size == 0 and w.transferred == 0
+
+
+def test_big_body_hashed_on_a_worker_thread_has_the_digest_of_its_bytes(tmp_path: Path) -> None:
+    data = (BODY * 9)[: BIG + 12345]  # batches of 1 MiB and a last short one
+    w = HashingWriter(tmp_path / "big.bin", "http://h/big.bin", ("sha256", "md5"))
+    w.prepare()
+    assert w.begin(200, headers(Content_Length=str(len(data)), ETag='"v1"'))
+    fill(w, data, chunk=65_000)
+    w.finish()
+    digests = w.hexdigests()
+    w.commit()
+    assert digests == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+    assert (tmp_path / "big.bin").read_bytes() == data
+
+
+def test_a_disk_error_on_the_worker_thread_fails_the_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from fetcher.store.writer import StorageError
+
+    def broken(fd: int, data: object, at: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    w = _begin_big(tmp_path / "big.bin", "none")
+    monkeypatch.setattr(os, "pwrite", broken)
+    with pytest.raises(StorageError, match="Input/output error") as caught:
+        fill(w, BODY * 3)  # the first batch fails on the worker; the next hand-over says so
+        w.finish()
+    assert not caught.value.retryable
+    w.close()  # no second error, the .part kept or dropped by the caller

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -31,6 +32,21 @@ _READ_CHUNK = 1 << 20
 #: they begin; smaller ones only if they are interrupted (no write per small file).
 _META_EAGER = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+#: FETCHER_FILE_ALLOCATION's values, aria2's --file-allocation: "none"; "prealloc" writes zeros
+#: over the whole file first; "trunc" sets its length (sparse); "falloc" is posix_fallocate.
+ALLOCATIONS = ("none", "prealloc", "trunc", "falloc")
+#: Files smaller than this are never preallocated (aria2's --no-file-allocation-limit default).
+_ALLOCATE_MIN = 5 << 20
+#: While a preallocated body flows, its offset is saved in .part.meta this often (seconds): a
+#: kill -9 costs at most this long's bytes again (the .part's size says nothing then).
+_CHECKPOINT_INTERVAL = 0.25
+#: Bodies of at least _ALLOCATE_MIN (known length) are written and hashed on a worker thread
+#: (os.pwrite and hashlib let go of the GIL), handed over in batches of this many bytes: one batch
+#: written and one gathered per body at most.
+_HASH_BATCH = 1 << 20
+_WORKERS: list[ThreadPoolExecutor] = []  # made on first use
+#: Errors that say the filesystem cannot preallocate (the body is then written as it comes).
+_NO_ALLOCATION = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class BodyError(Exception):
@@ -73,6 +89,18 @@ class StorageError(BodyError):
         super().__init__(f"cannot write {path}: {exc.strerror or exc}")
         # Out of file descriptors passes; a full disk or a bad path does not.
         self.retryable = exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+class DiskFull(StorageError):
+    """Preallocation found the disk too small for the rest of the body: nothing was written,
+    and trying again cannot help."""
+
+    keeps_part = False
+
+    def __init__(self, path: Path, exc: OSError, needed: int) -> None:
+        super().__init__(path, exc)
+        message = f"cannot write {path}: the disk cannot hold {human_size(needed)} ({exc.strerror or exc})"
+        self.args = (message,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +158,7 @@ class HashingWriter:
         resume: bool = True,
         max_size: int = 0,
         fsync: bool = False,
+        allocation: str = "none",
     ) -> None:
         self.final = final
         self.url = url
@@ -139,17 +168,21 @@ class HashingWriter:
         self.resume = resume
         self.max_size = max_size
         self.fsync = fsync
+        self.allocation = allocation  # one of ALLOCATIONS
         self.offset = 0  # bytes already in .part that the next request resumes from
         self.size = 0  # bytes in .part now
         self.expected_size: int | None = None
         self.validators: Validators | None = None
-        self._hashes = [hashlib.new(a) for a in algorithms]
+        self._hashes = _Hashes(algorithms)
         self._hashed = 0  # how many bytes of .part the hashes cover
         self._file: BinaryIO | None = None
         self.resumed_from = 0  # offset the current body was appended at
         self._meta_pending = False  # the validators of the body being written are not on disk yet
         self._meta_written = False
         self.transferred = 0  # body bytes received over all attempts
+        self._allocate_at: int | None = None  # the length to preallocate on the first write
+        self._tracks_offset = False  # the .part may be longer than its bytes: its offset is in .part.meta
+        self._checkpoint_at = 0.0  # monotonic time of the next offset saved while allocated
 
     # -- before a request (blocking disk work when there is a prefix to hash)
 
@@ -162,12 +195,14 @@ class HashingWriter:
         """
         self.close()
         self.offset = 0
-        validators = self._read_meta() if self.resume else None
+        validators, saved = self._read_meta() if self.resume else (None, None)
         self._meta_written = self._meta_written or validators is not None
         try:
             size = self.part.stat().st_size
         except FileNotFoundError:
             size = 0
+        if saved is not None:  # a preallocated .part: its size is not what was written
+            size = min(size, saved)
         if validators is None or validators.url != self.url or not validators.if_range() or not size:
             self._reset_hashes()
             self.validators = None
@@ -176,7 +211,7 @@ class HashingWriter:
         if size != self._hashed:  # not hashed by an earlier attempt of this run
             self._reset_hashes()
             with open_file(self.part, "rb") as f:
-                self._hashed = _hash_into(f, self._hashes, size)
+                self._hashed = _hash_into(f, self._hashes.objects, size)
         self.offset = self._hashed
 
     def resumable(self) -> bool:
@@ -224,32 +259,86 @@ class HashingWriter:
             if self.resumed_from:
                 self._file.seek(self.resumed_from)
                 self._file.truncate()
+            self.size = self._hashed = self.resumed_from
+            # Preallocated on the first write, once the handler's own size cap passed too.
+            self._allocate_at = total if self._allocates(total) else None
+            self._hashes.threaded = total is not None and total - self.resumed_from >= _ALLOCATE_MIN
+            self._hashes.fd = None  # the worker gets this body's file on its first write
+            self._tracks_offset = self.resume and self._allocate_at is not None
             self._meta_pending = self.resume
             if self.resume and (total is None or total - self.resumed_from >= _META_EAGER):
-                self._save_meta()  # a big body: resumable even after a kill -9
+                self._save_meta()  # a big body: resumable even after a kill -9 (with its offset, if tracked)
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
-        self.size = self._hashed = self.resumed_from
         return True
+
+    def _allocates(self, total: int | None) -> bool:
+        """Whether this body's .part is preallocated (FETCHER_FILE_ALLOCATION), never past FETCHER_MAX_SIZE."""
+        return (self.allocation != "none" and total is not None and total - self.resumed_from >= _ALLOCATE_MIN
+                and not (self.max_size and total > self.max_size))
+
+    def _allocate(self) -> None:
+        """Give the .part its whole length before the first byte; a disk too small fails now."""
+        assert self._file is not None and self._allocate_at is not None
+        total, self._allocate_at = self._allocate_at, None
+        try:
+            allocate(self._file.fileno(), self.size, total, self.allocation)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(self.part, exc, total - self.size) from exc
+            if exc.errno in _NO_ALLOCATION:
+                return  # this filesystem cannot: the body is written as it comes
+            raise StorageError(self.part, exc) from exc
+        self._checkpoint_at = time.monotonic() + _CHECKPOINT_INTERVAL
 
     def write(self, data: bytes) -> None:
         assert self._file is not None
-        self.size += len(data)
-        if self.max_size and self.size > self.max_size:
+        size = self.size + len(data)
+        if self.max_size and size > self.max_size:
             raise FileTooLarge(f"file is over FETCHER_MAX_SIZE ({self.max_size} bytes)")
+        if self._allocate_at is not None:
+            self._allocate()
         self.transferred += len(data)
         try:
-            self._file.write(data)
+            if self._hashes.threaded:
+                self._hand_over(data)
+            else:
+                self._file.write(data)
+                self._hashes.update(data)
+        except OSError as exc:  # a worker's error shows at the next hand-over
+            raise StorageError(self.part, exc) from exc
+        self.size = self._hashed = size
+        if self._tracks_offset and time.monotonic() >= self._checkpoint_at:
+            self._checkpoint()
+
+    def _hand_over(self, data: bytes) -> None:
+        """A big body's bytes go to the worker, which writes them at their offset and hashes them."""
+        assert self._file is not None
+        if self._hashes.fd is None:
+            self._file.flush()
+            self._hashes.fd, self._hashes.at = self._file.fileno(), self.size
+        self._hashes.update(data)
+
+    def _checkpoint(self) -> None:
+        """Save the offset of a preallocated body: its bytes first, then the number (so a
+        kill -9 never leaves an offset past what was written)."""
+        assert self._file is not None
+        try:
+            self._hashes.drain()  # the offset saved is of bytes the worker wrote
+            self._file.flush()
+            self._save_meta()
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
-        for h in self._hashes:
-            h.update(data)
-        self._hashed = self.size
+        self._checkpoint_at = time.monotonic() + _CHECKPOINT_INTERVAL
 
     def finish(self, *, accept_short: bool = False) -> None:
         """The body ended: check its length against what was announced. With
         *accept_short* (the request asked to keep bodies cut short, as stock
         DOWNLOAD_FAIL_ON_DATALOSS=False does) fewer bytes are the file: its size is what arrived."""
+        try:
+            self._hashes.drain()
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
         if accept_short and self.expected_size is not None and self.size < self.expected_size:
             return
         if self.expected_size is not None and self.size != self.expected_size:
@@ -276,19 +365,30 @@ class HashingWriter:
     # -- after the request, owned by the pipeline
 
     def hexdigests(self) -> dict[str, str]:
-        return {a: h.hexdigest() for a, h in zip(self.algorithms, self._hashes, strict=True)}
+        return self._hashes.hexdigests()
 
     def close(self) -> None:
-        """Close the .part file, keeping it (and its validators) for a later resume."""
-        if self._meta_pending and self.size:
-            with contextlib.suppress(OSError):  # without them the next attempt starts over: no harm
-                self._save_meta()
+        """Close the .part file, keeping it (and its validators) for a later resume; a
+        preallocated one is cut to the bytes written, never left padded with zeros."""
+        flushed = True
         if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:  # buffered bytes did not reach the disk: hash the .part again from disk
-                self._hashed = -1
+            for step in (self._trim if self._tracks_offset else self._hashes.drain, self._file.close):
+                try:
+                    step()
+                except OSError:  # bytes did not reach the disk: hash the .part again from disk
+                    self._hashed, flushed = -1, False
             self._file = None
+        if self.size and (self._meta_pending or (self._tracks_offset and flushed)):
+            with contextlib.suppress(OSError):  # without them the next attempt starts over: no harm
+                self._save_meta()  # (a failed flush keeps the last saved offset)
+        self._tracks_offset = False
+
+    def _trim(self) -> None:
+        """Cut the open .part to the bytes written (the rest of a preallocation goes)."""
+        assert self._file is not None
+        self._hashes.drain()
+        self._file.flush()
+        os.ftruncate(self._file.fileno(), self.size)
 
     def commit(self) -> os.stat_result:
         """Move the complete body to its final name (atomic on one filesystem),
@@ -300,7 +400,7 @@ class HashingWriter:
                     with open_file(self.part, "rb") as f:
                         os.fsync(f.fileno())
             else:
-                self._file.flush()
+                self._trim()
                 if self.fsync:
                     os.fsync(self._file.fileno())
                 self._file.close()
@@ -308,7 +408,7 @@ class HashingWriter:
             os.replace(self.part, self.final)
         except OSError as exc:
             raise StorageError(self.final, exc) from exc
-        self._meta_pending = False
+        self._meta_pending = self._tracks_offset = False
         if self._meta_written:
             self.meta.unlink(missing_ok=True)
         if self.validators is not None and self.validators.last_modified:
@@ -326,13 +426,13 @@ class HashingWriter:
         self.close()
         self._reset_hashes()
         with open_file(self.part, "rb") as f:
-            self._hashed = _hash_into(f, self._hashes)
+            self._hashed = _hash_into(f, self._hashes.objects)
         self.size = self.offset = self._hashed
         self.validators, self.expected_size = validators, validators.length
 
     def discard(self) -> None:
         """Drop the partial body: it can never be completed (or must not be)."""
-        self._meta_pending = False
+        self._meta_pending = self._tracks_offset = False
         self.close()
         with contextlib.suppress(OSError):  # e.g. a parent that is a file: nothing was written
             self.part.unlink(missing_ok=True)
@@ -341,24 +441,118 @@ class HashingWriter:
         self._reset_hashes()
 
     def _reset_hashes(self) -> None:
-        self._hashes = [hashlib.new(a) for a in self.algorithms]
+        self._hashes = _Hashes(self.algorithms)
         self._hashed = 0
 
-    def _read_meta(self) -> Validators | None:
+    def _read_meta(self) -> tuple[Validators | None, int | None]:
+        """The saved validators, and the saved offset of a preallocated .part (None: its size is it)."""
         try:
             with open_file(self.meta, "r", encoding="utf-8") as f:
                 data = json.loads(f.read())
-            return Validators(data["url"], data.get("etag"), data.get("last_modified"), data.get("length"))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            offset = data.get("offset")
+            validators = Validators(data["url"], data.get("etag"), data.get("last_modified"), data.get("length"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, None
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+            return None, None  # an offset that cannot be trusted: nothing of the .part is kept
+        return validators, offset
 
     def _save_meta(self) -> None:
-        """Write the validators a later resume needs beside the .part (once per body)."""
+        """Write the validators a later resume needs beside the .part (once per body), and for
+        a preallocated one the bytes written so far (its size is the whole file's)."""
         v = self.validators
         assert v is not None
-        record = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length}
+        record: dict[str, Any] = {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "length": v.length}
+        if self._tracks_offset:
+            record["offset"] = self.size
         write_atomically(self.meta, json.dumps(record).encode())
         self._meta_pending, self._meta_written = False, True
+
+
+class _Hashes:
+    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread that
+    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives. In
+    order, with at most one batch being written and one being gathered (memory stays flat); a
+    worker's OSError is raised by the next hand-over or ``drain``."""
+
+    def __init__(self, algorithms: tuple[str, ...]) -> None:
+        self.algorithms = algorithms
+        self.objects = [hashlib.new(a) for a in algorithms]
+        self.threaded = False
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._running: Future[None] | None = None
+        self.fd: int | None = None
+        self.at = 0
+
+    def update(self, data: bytes) -> None:
+        if not self.threaded:
+            for h in self.objects:
+                h.update(data)
+            return
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= _HASH_BATCH:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._wait()  # the previous batch first: the digest is of the bytes in order
+        batch, size, self._batch, self._batched = self._batch, self._batched, [], 0
+        if not _WORKERS:
+            _WORKERS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-body"))
+        self._running = _WORKERS[0].submit(_update_all, self.objects, batch, self.fd, self.at)
+        self.at += size
+
+    def _wait(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            running.result()
+
+    def drain(self) -> None:
+        """Every byte given so far is in the digests once this returns."""
+        if self._batch:
+            self._hand_over()
+        self._wait()
+
+    def hexdigests(self) -> dict[str, str]:
+        self.drain()
+        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.objects, strict=True)}
+
+
+def _update_all(hashes: list[Any], batch: list[bytes], fd: int | None, at: int) -> None:
+    """On a worker thread: the joined batch written at *at* (when *fd*), then one update per
+    hash (the GIL is let go during both)."""
+    data = b"".join(batch)
+    if fd is not None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+    for h in hashes:
+        h.update(data)
+
+
+def allocate(fd: int, start: int, end: int, how: str) -> None:
+    """Give the file at *fd* its bytes from *start* to *end* as aria2's --file-allocation does."""
+    if end <= start or how == "none":
+        return
+    if how == "falloc":
+        os.posix_fallocate(fd, start, end - start)
+    elif how == "trunc":
+        os.ftruncate(fd, end)
+    else:  # "prealloc": zeros written over the rest, for filesystems without fallocate
+        zeros = bytes(_READ_CHUNK)
+        for at in range(start, end, _READ_CHUNK):
+            os.pwrite(fd, zeros[: min(_READ_CHUNK, end - at)], at)
+
+
+def human_size(n: float) -> str:
+    """A size for a message: "3.0 GiB", "512.0 KiB"."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:

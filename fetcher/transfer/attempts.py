@@ -164,7 +164,8 @@ class _FileTransfer:
             self.algorithms += (entry.checksum.algorithm,)
         self.record = FileRecord(entry, "failed", path=path, algorithm=self.config.algorithm)
         self.writer = HashingWriter(final, entry.url, self.algorithms, resume=self.config.resume,
-                                    max_size=self.config.max_size, fsync=self.config.fsync)
+                                    max_size=self.config.max_size, fsync=self.config.fsync,
+                                    allocation=self.config.file_allocation)
 
     async def run(self) -> FileRecord:
         started = time.monotonic()
