@@ -11,7 +11,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from scrapy.core.downloader.contextfactory import _load_context_factory_from_settings
-from twisted.internet.defer import Deferred
 from scrapy.core.downloader.handlers.http11 import (
     _BindAddressAgent,
     _LenientHTTP11ClientFactory,
@@ -20,6 +19,7 @@ from scrapy.core.downloader.handlers.http11 import (
     _ScrapyProxyAgent,
     _TunnelingAgent,
 )
+from twisted.internet.defer import Deferred
 
 from fetcher.exceptions import HeadersTooLarge
 

@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from fetcher import signals as fetcher_signals
 from fetcher.config import Config
 from fetcher.redact import safe_url
+from fetcher.units import human_bytes
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -106,14 +107,6 @@ class Summary:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - unreachable, keeps type checkers calm
 
 
 class Progress:

@@ -46,7 +46,12 @@ from OpenSSL import SSL
 from scrapy import signals
 from scrapy.core.downloader.handlers.base import BaseDownloadHandler
 from scrapy.core.downloader.handlers.http11 import HTTP11DownloadHandler
-from scrapy.exceptions import DownloadTimeoutError, NotConfigured, NotSupported, StopDownload
+from scrapy.exceptions import (
+    DownloadTimeoutError,
+    NotConfigured,
+    NotSupported,
+    StopDownload,
+)
 from scrapy.http import Headers, Response
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
@@ -66,9 +71,14 @@ from fetcher._scrapy_private import (
     tls_policy,
     tunneling_agent,
 )
-from fetcher.transfer.body import BodyReader, BodyRules, Discard, Ended, describe, warn_size
 from fetcher.config import Config
-from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, UNVERIFIED_END_FLAG
+from fetcher.contract import (
+    DATALOSS_FLAG,
+    SINK_META,
+    STOPPED_FLAG,
+    STREAMED_FLAG,
+    UNVERIFIED_END_FLAG,
+)
 from fetcher.exceptions import (
     ConnectionFailed,
     ConnectionRefused,
@@ -77,9 +87,17 @@ from fetcher.exceptions import (
     Timeout,
     TLSError,
 )
-from fetcher.transfer.limits import TransferLimits
 from fetcher.redact import host_of, safe_url
 from fetcher.store.writer import BodyError, FileTooLarge
+from fetcher.transfer.body import (
+    BodyReader,
+    BodyRules,
+    Discard,
+    Ended,
+    describe,
+    warn_size,
+)
+from fetcher.transfer.limits import TransferLimits
 
 if TYPE_CHECKING:
     from scrapy import Request

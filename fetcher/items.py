@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
-from fetcher.redact import host_of, safe_url
 from fetcher.listing.urllist import Entry
+from fetcher.redact import host_of, safe_url
 
 Status = Literal["downloaded", "cached", "uptodate", "failed"]
 BAD_LINE = "bad list line"  # the failure reason of a line that is not a valid entry

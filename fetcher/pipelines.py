@@ -37,15 +37,21 @@ from fetcher._scrapy_private import spider_closing
 from fetcher.config import Config
 from fetcher.contract import ENTRY_META
 from fetcher.exceptions import StartupError
-from fetcher.store.freshness import Freshness
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
-from fetcher.store.naming import INDEX_NAME, owner_name, url_to_path
-from fetcher.redact import safe_url
-from fetcher.transfer.retry import FILTERED, AttemptFailed, Retrier
-from fetcher.store.run_records import RunRecords
-from fetcher.store.targets import LocalTarget, RemoteTarget, Target, store_error, target_for
-from fetcher.transfer.attempts import Namer, Transfers
 from fetcher.listing.urllist import Entry
+from fetcher.redact import safe_url
+from fetcher.store.freshness import Freshness
+from fetcher.store.naming import INDEX_NAME, owner_name, url_to_path
+from fetcher.store.run_records import RunRecords
+from fetcher.store.targets import (
+    LocalTarget,
+    RemoteTarget,
+    Target,
+    store_error,
+    target_for,
+)
+from fetcher.transfer.attempts import Namer, Transfers
+from fetcher.transfer.retry import FILTERED, AttemptFailed, Retrier
 
 if TYPE_CHECKING:
     from os import PathLike

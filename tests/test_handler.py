@@ -33,7 +33,14 @@ from scrapy.utils.reactor import (
 )
 from scrapy.utils.test import get_crawler
 
-from fetcher.contract import DATALOSS_FLAG, SINK_META, STOPPED_FLAG, STREAMED_FLAG, HeadersLike, Sink
+from fetcher.contract import (
+    DATALOSS_FLAG,
+    SINK_META,
+    STOPPED_FLAG,
+    STREAMED_FLAG,
+    HeadersLike,
+    Sink,
+)
 from fetcher.handlers import StreamingDownloadHandler
 from fetcher.store.writer import FileTooLarge
 from tests.conftest import Fetch

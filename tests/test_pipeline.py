@@ -17,11 +17,11 @@ from scrapy.utils.test import get_crawler
 
 from fetcher import Addon, FilesPipeline
 from fetcher.config import DEFAULTS
+from fetcher.listing.urllist import Entry
 from fetcher.middlewares import RedirectGuardMiddleware
 from fetcher.pipelines import StreamingFilesPipeline
-from fetcher.transfer.retry import AttemptFailed
 from fetcher.store.records import RecordStore, StoredRecord
-from fetcher.listing.urllist import Entry
+from fetcher.transfer.retry import AttemptFailed
 
 # -- the add-on
 

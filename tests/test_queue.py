@@ -4,9 +4,9 @@ dead-letter rule, status, records, a million entries, passwords and errors."""
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator

@@ -19,8 +19,8 @@ from scrapy.statscollectors import StatsCollector
 from scrapy.utils.test import get_crawler
 
 from fetcher.items import FetchItem
-from fetcher.spiders.fetch import FetchSpider
 from fetcher.listing.urllist import Entry
+from fetcher.spiders.fetch import FetchSpider
 from tests.conftest import SCRAPY, Fetch
 from tests.origin import Origin, expected_digest, parse_size
 from tests.redis_server import RedisServer

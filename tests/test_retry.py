@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from scrapy.exceptions import DownloadConnectionRefusedError, DownloadTimeoutError, IgnoreRequest, StopDownload
+from scrapy.exceptions import (
+    DownloadConnectionRefusedError,
+    DownloadTimeoutError,
+    IgnoreRequest,
+    StopDownload,
+)
 from scrapy.settings import Settings
 
 from fetcher.exceptions import ConnectionRefused, StallTimeoutError
-from fetcher.transfer.retry import Action, Attempt, RetryPolicy, Verdict
 from fetcher.store.writer import FileTooLarge, LengthMismatch, ResumeMismatch
+from fetcher.transfer.retry import Action, Attempt, RetryPolicy, Verdict
 
 POLICY = RetryPolicy(times=3, http_codes=frozenset({500, 503, 429}),
                      exceptions=(DownloadConnectionRefusedError, DownloadTimeoutError))

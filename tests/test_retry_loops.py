@@ -18,16 +18,16 @@ from scrapy.utils.test import get_crawler
 
 from fetcher.config import Config
 from fetcher.exceptions import ConnectionRefused
-from fetcher.store.freshness import Freshness
 from fetcher.items import FileRecord
+from fetcher.listing.sources import ListFetchFailed, ListUnavailable, download
+from fetcher.listing.urllist import Entry
+from fetcher.store.freshness import Freshness
+from fetcher.store.targets import RemoteObject, RemoteTarget
+from fetcher.store.writer import HashingWriter, Validators
+from fetcher.transfer.attempts import Transfers, _FileTransfer
 from fetcher.transfer.retry import Retrier, RetryPolicy
 from fetcher.transfer.segments import Segment, SegmentState
-from fetcher.listing.sources import ListFetchFailed, ListUnavailable, download
 from fetcher.transfer.split import SplitDownload
-from fetcher.store.targets import RemoteObject, RemoteTarget
-from fetcher.transfer.attempts import Transfers, _FileTransfer
-from fetcher.listing.urllist import Entry
-from fetcher.store.writer import HashingWriter, Validators
 
 TIMES = 2  # RETRY_TIMES: three attempts in all
 URL = "http://127.0.0.1:9/x.bin"  # never contacted: every operation here is a stand-in that fails

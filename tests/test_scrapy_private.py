@@ -11,7 +11,12 @@ from importlib.metadata import version
 from scrapy.utils.test import get_crawler
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, Request, ResponseFailed
+from twisted.web.client import (
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    Request,
+    ResponseFailed,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 

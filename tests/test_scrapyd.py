@@ -43,8 +43,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, SCRAPY, Fetch
-from tests.redis_server import RedisServer
 from tests.origin import Origin, expected_digest
+from tests.redis_server import RedisServer
 
 #: Scrapyd's environment, as the README says to make it. setuptools: Scrapyd 1.6 runs eggs through
 #: pkg_resources (gone in setuptools 81); fetcher's pyproject needs >= 68 for setup.py bdist_egg.

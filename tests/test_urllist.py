@@ -19,7 +19,6 @@ from typing import IO
 
 import pytest
 
-from fetcher.store.naming import url_to_path
 from fetcher.listing.urllist import (
     MAX_LINE,
     MAX_OPTIONS,
@@ -34,6 +33,7 @@ from fetcher.listing.urllist import (
     parse_text,
     text_lines,
 )
+from fetcher.store.naming import url_to_path
 
 SHA = "0123456789abcdef" * 4
 MD5 = "0123456789abcdef" * 2

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fetcher.store.writer import FileTooLarge, HashingWriter, LengthMismatch, ResumeMismatch, hash_file
+from fetcher.store.diskio import hash_file
+from fetcher.store.writer import (
+    FileTooLarge,
+    HashingWriter,
+    LengthMismatch,
+    ResumeMismatch,
+)
 
 BODY = bytes(range(256)) * 4000  # 1,024,000 bytes
 

@@ -25,10 +25,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fetcher.store.naming import safe_relpath
+from fetcher.listing.urllist import (
+    BadLine,
+    Entry,
+    ListWarning,
+    open_list,
+    parse_lines,
+    text_lines,
+)
 from fetcher.redact import safe_url
+from fetcher.store.naming import safe_relpath
 from fetcher.transfer.retry import AttemptFailed, Retrier
-from fetcher.listing.urllist import BadLine, Entry, ListWarning, open_list, parse_lines, text_lines
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fetcher.queue.stream import QueueUnavailable, RedisQueue
 from fetcher.listing.urllist import BadLine, Entry, parse_text
+from fetcher.queue.stream import QueueUnavailable, RedisQueue
 
 if TYPE_CHECKING:
     from fetcher.config import Config

@@ -33,11 +33,6 @@ from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.config import Config
 from fetcher.contract import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
-from fetcher.pipelines import StreamingFilesPipeline
-from fetcher.queue.stream import QueueUnavailable, is_queue_url, parse_queue_url
-from fetcher.queue.worker import QueueWorker
-from fetcher.redact import safe_line, safe_url
-from fetcher.transfer.retry import Retrier
 from fetcher.listing.sources import (
     ListFetchFailed,
     ListUnavailable,
@@ -48,7 +43,12 @@ from fetcher.listing.sources import (
     read_entries,
 )
 from fetcher.listing.urllist import BadLine, Entry, parse_inline
+from fetcher.pipelines import StreamingFilesPipeline
+from fetcher.queue.stream import QueueUnavailable, is_queue_url, parse_queue_url
+from fetcher.queue.worker import QueueWorker
+from fetcher.redact import safe_line, safe_url
 from fetcher.store.writer import HashingWriter
+from fetcher.transfer.retry import Retrier
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler

@@ -21,9 +21,9 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from fetcher.transfer.retry import AttemptFailed
+from fetcher.store.diskio import hash_file
 from fetcher.store.targets import RemoteObject, RemoteTarget, Target
-from fetcher.store.writer import hash_file
+from fetcher.transfer.retry import AttemptFailed
 
 if TYPE_CHECKING:
     from pathlib import Path

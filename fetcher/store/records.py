@@ -40,9 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from fetcher.redact import redact, safe_url
-from fetcher.store.files import PRIVATE, no_link, open_fd, open_file, private_file, private_folder
+from fetcher.store.diskio import hash_file
+from fetcher.store.files import (
+    PRIVATE,
+    no_link,
+    open_fd,
+    open_file,
+    private_file,
+    private_folder,
+)
 from fetcher.store.naming import resolve_in_store
-from fetcher.store.writer import hash_file
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,13 @@ from fetcher.cli import INVOKED_AS
 from fetcher.exceptions import StartupError
 from fetcher.items import BAD_LINE
 from fetcher.store.naming import owner_name
-from fetcher.store.records import PathLocks, RecordStore, StoredRecord, new_run_id, utc_now
+from fetcher.store.records import (
+    PathLocks,
+    RecordStore,
+    StoredRecord,
+    new_run_id,
+    utc_now,
+)
 from fetcher.store.targets import RemoteTarget, Target
 
 if TYPE_CHECKING:

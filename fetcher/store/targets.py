@@ -24,12 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from scrapy.exceptions import NotConfigured
-from scrapy.pipelines.files import FSFilesStore, FTPFilesStore, GCSFilesStore, S3FilesStore
+from scrapy.pipelines.files import (
+    FSFilesStore,
+    FTPFilesStore,
+    GCSFilesStore,
+    S3FilesStore,
+)
 from scrapy.utils.ftp import ftp_makedirs_cwd
 
 from fetcher.exceptions import StartupError
-from fetcher.store.naming import resolve_in_store
 from fetcher.redact import safe_url
+from fetcher.store.naming import resolve_in_store
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from fetcher.store.diskio import Hashes, allocate, hash_into
 from fetcher.store.files import open_file, write_atomically
 from fetcher.store.naming import META_SUFFIX, PART_SUFFIX
+from fetcher.units import human_bytes
 
 if TYPE_CHECKING:
     from fetcher.contract import HeadersLike
@@ -40,11 +40,6 @@ _ALLOCATE_MIN = 5 << 20
 #: While a preallocated body flows, its offset is saved in .part.meta this often (seconds): a
 #: kill -9 costs at most this long's bytes again (the .part's size says nothing then).
 _CHECKPOINT_INTERVAL = 0.25
-#: Bodies of at least _ALLOCATE_MIN (known length) are written and hashed on a worker thread
-#: (os.pwrite and hashlib let go of the GIL), handed over in batches of this many bytes: one batch
-#: written and one gathered per body at most.
-_HASH_BATCH = 1 << 20
-_WORKERS: list[ThreadPoolExecutor] = []  # made on first use
 #: Errors that say the filesystem cannot preallocate (the body is then written as it comes).
 _NO_ALLOCATION = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -99,7 +94,7 @@ class DiskFull(StorageError):
 
     def __init__(self, path: Path, exc: OSError, needed: int) -> None:
         super().__init__(path, exc)
-        message = f"cannot write {path}: the disk cannot hold {human_size(needed)} ({exc.strerror or exc})"
+        message = f"cannot write {path}: the disk cannot hold {human_bytes(needed)} ({exc.strerror or exc})"
         self.args = (message,)
 
 
@@ -173,7 +168,7 @@ class HashingWriter:
         self.size = 0  # bytes in .part now
         self.expected_size: int | None = None
         self.validators: Validators | None = None
-        self._hashes = _Hashes(algorithms)
+        self._hashes = Hashes(algorithms)
         self._hashed = 0  # how many bytes of .part the hashes cover
         self._file: BinaryIO | None = None
         self.resumed_from = 0  # offset the current body was appended at
@@ -211,7 +206,7 @@ class HashingWriter:
         if size != self._hashed:  # not hashed by an earlier attempt of this run
             self._reset_hashes()
             with open_file(self.part, "rb") as f:
-                self._hashed = _hash_into(f, self._hashes.objects, size)
+                self._hashed = hash_into(f, self._hashes.objects, size)
         self.offset = self._hashed
 
     def resumable(self) -> bool:
@@ -426,7 +421,7 @@ class HashingWriter:
         self.close()
         self._reset_hashes()
         with open_file(self.part, "rb") as f:
-            self._hashed = _hash_into(f, self._hashes.objects)
+            self._hashed = hash_into(f, self._hashes.objects)
         self.size = self.offset = self._hashed
         self.validators, self.expected_size = validators, validators.length
 
@@ -441,7 +436,7 @@ class HashingWriter:
         self._reset_hashes()
 
     def _reset_hashes(self) -> None:
-        self._hashes = _Hashes(self.algorithms)
+        self._hashes = Hashes(self.algorithms)
         self._hashed = 0
 
     def _read_meta(self) -> tuple[Validators | None, int | None]:
@@ -467,113 +462,6 @@ class HashingWriter:
             record["offset"] = self.size
         write_atomically(self.meta, json.dumps(record).encode())
         self._meta_pending, self._meta_written = False, True
-
-
-class _Hashes:
-    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread that
-    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives. In
-    order, with at most one batch being written and one being gathered (memory stays flat); a
-    worker's OSError is raised by the next hand-over or ``drain``."""
-
-    def __init__(self, algorithms: tuple[str, ...]) -> None:
-        self.algorithms = algorithms
-        self.objects = [hashlib.new(a) for a in algorithms]
-        self.threaded = False
-        self._batch: list[bytes] = []
-        self._batched = 0
-        self._running: Future[None] | None = None
-        self.fd: int | None = None
-        self.at = 0
-
-    def update(self, data: bytes) -> None:
-        if not self.threaded:
-            for h in self.objects:
-                h.update(data)
-            return
-        self._batch.append(data)
-        self._batched += len(data)
-        if self._batched >= _HASH_BATCH:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        self._wait()  # the previous batch first: the digest is of the bytes in order
-        batch, size, self._batch, self._batched = self._batch, self._batched, [], 0
-        if not _WORKERS:
-            _WORKERS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-body"))
-        self._running = _WORKERS[0].submit(_update_all, self.objects, batch, self.fd, self.at)
-        self.at += size
-
-    def _wait(self) -> None:
-        running, self._running = self._running, None
-        if running is not None:
-            running.result()
-
-    def drain(self) -> None:
-        """Every byte given so far is in the digests once this returns."""
-        if self._batch:
-            self._hand_over()
-        self._wait()
-
-    def hexdigests(self) -> dict[str, str]:
-        self.drain()
-        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.objects, strict=True)}
-
-
-def _update_all(hashes: list[Any], batch: list[bytes], fd: int | None, at: int) -> None:
-    """On a worker thread: the joined batch written at *at* (when *fd*), then one update per
-    hash (the GIL is let go during both)."""
-    data = b"".join(batch)
-    if fd is not None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, at)
-            view, at = view[n:], at + n
-    for h in hashes:
-        h.update(data)
-
-
-def allocate(fd: int, start: int, end: int, how: str) -> None:
-    """Give the file at *fd* its bytes from *start* to *end* as aria2's --file-allocation does."""
-    if end <= start or how == "none":
-        return
-    if how == "falloc":
-        os.posix_fallocate(fd, start, end - start)
-    elif how == "trunc":
-        os.ftruncate(fd, end)
-    else:  # "prealloc": zeros written over the rest, for filesystems without fallocate
-        zeros = bytes(_READ_CHUNK)
-        for at in range(start, end, _READ_CHUNK):
-            os.pwrite(fd, zeros[: min(_READ_CHUNK, end - at)], at)
-
-
-def human_size(n: float) -> str:
-    """A size for a message: "3.0 GiB", "512.0 KiB"."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
-    """Size and digests of a finished file (for files found complete on disk)."""
-    hashes = [hashlib.new(a) for a in algorithms]
-    with open_file(path, "rb") as f:
-        size = _hash_into(f, hashes)
-    return size, {a: h.hexdigest() for a, h in zip(algorithms, hashes, strict=True)}
-
-
-def _hash_into(f: BinaryIO, hashes: list[Any], limit: int | None = None) -> int:
-    """Feed *f* (up to *limit* bytes) to every hash; return how many bytes were read."""
-    done = 0
-    while limit is None or done < limit:
-        chunk = f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - done))
-        if not chunk:
-            break
-        done += len(chunk)
-        for h in hashes:
-            h.update(chunk)
-    return done
 
 
 def _header_str(headers: HeadersLike, name: str) -> str | None:

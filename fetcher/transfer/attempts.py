@@ -17,27 +17,33 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from fetcher.transfer.backoff import retry_after_seconds
-from fetcher.contract import CACHED_FLAG, DATALOSS_FLAG, SINK_META, STREAMED_FLAG, UNVERIFIED_END_FLAG
+from fetcher.contract import (
+    CACHED_FLAG,
+    DATALOSS_FLAG,
+    SINK_META,
+    STREAMED_FLAG,
+    UNVERIFIED_END_FLAG,
+)
 from fetcher.items import FileRecord
-from fetcher.store.naming import INDEX_NAME, PART_SUFFIX
 from fetcher.redact import safe_url
-from fetcher.transfer.retry import Action, Attempt, AttemptFailed, reason_of
-from fetcher.transfer.split import SplitDownload
+from fetcher.store.naming import INDEX_NAME, PART_SUFFIX
 from fetcher.store.targets import LocalTarget, RemoteTarget, Target
 from fetcher.store.writer import BodyError, HashingWriter, Validators
+from fetcher.transfer.backoff import retry_after_seconds
+from fetcher.transfer.retry import Action, Attempt, AttemptFailed, reason_of
+from fetcher.transfer.split import SplitDownload
 
 if TYPE_CHECKING:
-    from scrapy.crawler import Crawler
     from pathlib import Path
 
+    from scrapy.crawler import Crawler
     from scrapy.http import Request, Response
 
     from fetcher.config import Config
     from fetcher.contract import HeadersLike, Sink
+    from fetcher.listing.urllist import Entry
     from fetcher.store.freshness import Freshness
     from fetcher.transfer.retry import Retrier
-    from fetcher.listing.urllist import Entry
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import asyncio
 import enum
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import IgnoreRequest, StopDownload

@@ -15,17 +15,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fetcher.contract import STREAMED_FLAG
+from fetcher.store.writer import Validators
 from fetcher.transfer.retry import Action, Attempt, AttemptFailed
 from fetcher.transfer.segments import Segment, SegmentSink, SegmentState
-from fetcher.store.writer import Validators
 
 if TYPE_CHECKING:
     from scrapy.http import Request, Response
 
     from fetcher.contract import Sink
     from fetcher.items import FileRecord
-    from fetcher.transfer.retry import Retrier
     from fetcher.store.writer import HashingWriter
+    from fetcher.transfer.retry import Retrier
 
 Download = Callable[["Request", str, "Sink", dict[str, str]], Awaitable["Response"]]
 Head = Callable[["Request"], Awaitable["Response"]]

@@ -1,0 +1,122 @@
+"""How a body's bytes reach the disk and its digests: inline, or, for a big body, on a worker
+thread that writes them at their offset (``os.pwrite``) and hashes them (both let go of the GIL),
+so that the event loop only receives; preallocation as aria2 does it; hashing a finished file.
+
+No Scrapy here (fetcher.store.writer drives it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from fetcher.store.files import open_file
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+_READ_CHUNK = 1 << 20
+#: A big body's bytes go to the worker in batches of this many: one batch written and one
+#: gathered per body at most (memory stays flat).
+_HASH_BATCH = 1 << 20
+_WORKERS: list[ThreadPoolExecutor] = []  # made on first use
+
+
+class Hashes:
+    """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread that
+    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives. In
+    order, with at most one batch being written and one being gathered (memory stays flat); a
+    worker's OSError is raised by the next hand-over or ``drain``."""
+
+    def __init__(self, algorithms: tuple[str, ...]) -> None:
+        self.algorithms = algorithms
+        self.objects = [hashlib.new(a) for a in algorithms]
+        self.threaded = False
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._running: Future[None] | None = None
+        self.fd: int | None = None
+        self.at = 0
+
+    def update(self, data: bytes) -> None:
+        if not self.threaded:
+            for h in self.objects:
+                h.update(data)
+            return
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= _HASH_BATCH:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._wait()  # the previous batch first: the digest is of the bytes in order
+        batch, size, self._batch, self._batched = self._batch, self._batched, [], 0
+        if not _WORKERS:
+            _WORKERS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetcher-body"))
+        self._running = _WORKERS[0].submit(_update_all, self.objects, batch, self.fd, self.at)
+        self.at += size
+
+    def _wait(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            running.result()
+
+    def drain(self) -> None:
+        """Every byte given so far is in the digests once this returns."""
+        if self._batch:
+            self._hand_over()
+        self._wait()
+
+    def hexdigests(self) -> dict[str, str]:
+        self.drain()
+        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.objects, strict=True)}
+
+
+def _update_all(hashes: list[Any], batch: list[bytes], fd: int | None, at: int) -> None:
+    """On a worker thread: the joined batch written at *at* (when *fd*), then one update per
+    hash (the GIL is let go during both)."""
+    data = b"".join(batch)
+    if fd is not None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+    for h in hashes:
+        h.update(data)
+
+
+def allocate(fd: int, start: int, end: int, how: str) -> None:
+    """Give the file at *fd* its bytes from *start* to *end* as aria2's --file-allocation does."""
+    if end <= start or how == "none":
+        return
+    if how == "falloc":
+        os.posix_fallocate(fd, start, end - start)
+    elif how == "trunc":
+        os.ftruncate(fd, end)
+    else:  # "prealloc": zeros written over the rest, for filesystems without fallocate
+        zeros = bytes(_READ_CHUNK)
+        for at in range(start, end, _READ_CHUNK):
+            os.pwrite(fd, zeros[: min(_READ_CHUNK, end - at)], at)
+
+
+def hash_file(path: Path, algorithms: tuple[str, ...]) -> tuple[int, dict[str, str]]:
+    """Size and digests of a finished file (for files found complete on disk)."""
+    hashes = [hashlib.new(a) for a in algorithms]
+    with open_file(path, "rb") as f:
+        size = hash_into(f, hashes)
+    return size, {a: h.hexdigest() for a, h in zip(algorithms, hashes, strict=True)}
+
+
+def hash_into(f: BinaryIO, hashes: list[Any], limit: int | None = None) -> int:
+    """Feed *f* (up to *limit* bytes) to every hash; return how many bytes were read."""
+    done = 0
+    while limit is None or done < limit:
+        chunk = f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - done))
+        if not chunk:
+            break
+        done += len(chunk)
+        for h in hashes:
+            h.update(chunk)
+    return done
