@@ -7,7 +7,8 @@ depends on the agreement rather than on the other side's module.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 #: Request meta: the Sink a streamed body goes to (no sink: the stock handler answers).
 SINK_META = "fetcher_sink"
@@ -46,3 +47,20 @@ class Sink(Protocol):
 
     def finish(self, *, accept_short: bool = False) -> None:
         """The body ended; *accept_short* keeps a body cut short (DOWNLOAD_FAIL_ON_DATALOSS=False)."""
+
+
+class Pending(Protocol):
+    """Work a sink is behind on (a ``concurrent.futures.Future`` fits); its callbacks may run
+    on any thread."""
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+
+class Paced(Sink, Protocol):
+    """A sink that can fall behind (a disk worker). ``ready`` is optional for a Sink: the
+    handler asks it after each ``write`` and pauses reading while it returns a Pending, so TCP
+    slows the sender instead of the bytes piling up in memory."""
+
+    def ready(self) -> Pending | None:
+        """What must finish before more bytes are welcome; None: read on. Raise to stop the
+        transfer (a write that failed on the worker)."""

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import http.server
 import logging
+import os
 import socket
 import threading
+import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,12 +46,14 @@ from fetcher.contract import (
     Sink,
 )
 from fetcher.handlers import StreamingDownloadHandler
-from fetcher.store.writer import FileTooLarge
+from fetcher.store import diskio
+from fetcher.store.writer import FileTooLarge, HashingWriter, StorageError
 from tests.conftest import Fetch
 from tests.origin import Origin, content_bytes, expected_digest
 
 _T = TypeVar("_T")
 KiB = 1024
+MiB = 1024 * KiB
 
 
 class MemorySink:
@@ -367,3 +373,81 @@ def test_streamed_files_never_enter_the_http_cache(fetch: Fetch, origin: Origin,
     assert second.record(url)["status"] == "uptodate" and second.record(url)["http_status"] == 304
     assert origin.stats.hits_by_path["/gen/64k/cached.bin"] == 2
     assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+class SlowSink(MemorySink):
+    """A sink whose disk falls behind: after every *every* bytes, ``ready`` stays pending for
+    *delay* seconds. It records the origin's bytes sent early in each wait and at its end."""
+
+    def __init__(self, origin: Origin, every: int, delay: float, waits: int) -> None:
+        super().__init__()
+        self.origin, self.every, self.delay, self.waits_left = origin, every, delay, waits
+        self.unpaced = 0
+        self.pending: Future[None] | None = None
+        self.sent_during: list[tuple[int, int]] = []  # origin bytes_sent 0.15 s into a wait, and at its end
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unpaced += len(data)
+
+    def ready(self) -> Future[None] | None:
+        if self.pending is not None and not self.pending.done():
+            return self.pending
+        if self.unpaced < self.every or not self.waits_left:
+            return None
+        self.unpaced, self.waits_left = 0, self.waits_left - 1
+        self.pending = Future()
+        threading.Thread(target=self._catch_up, args=(self.pending,), daemon=True).start()
+        return self.pending
+
+    def _catch_up(self, pending: Future[None]) -> None:
+        time.sleep(0.15)  # the kernel's buffers fill up within this on loopback
+        early = self.origin.stats.bytes_sent
+        time.sleep(self.delay - 0.15)
+        self.sent_during.append((early, self.origin.stats.bytes_sent))
+        pending.set_result(None)
+
+
+def test_a_sink_that_falls_behind_pauses_the_transport(loop: asyncio.AbstractEventLoop, origin: Origin) -> None:
+    """While the sink's ``ready`` is pending the socket is not read (the origin stops sending:
+    TCP slowed it), the wait is no stall though longer than FETCHER_STALL_TIMEOUT, and the body
+    arrives whole."""
+    size = 48 * MiB
+    origin.reset_stats()
+    harness = Harness(loop, {"FETCHER_STALL_TIMEOUT": 0.25})
+    sink = SlowSink(origin, every=4 * MiB, delay=0.5, waits=3)
+    try:
+        response = harness.get(streamed(f"{origin.url}/gen/{size}/slow.bin", sink))
+    finally:
+        harness.close()
+    assert response.status == 200 and sink.finished == {"accept_short": False}
+    assert sink.body == content_bytes("slow.bin", size)
+    assert len(sink.sent_during) == 3
+    early, late = sink.sent_during[0]
+    assert early < size and late == early, sink.sent_during  # paused: nothing more was sent
+
+
+def test_a_disk_worker_error_fails_the_transfer_at_once(loop: asyncio.AbstractEventLoop, origin: Origin,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big body's bytes are written by a worker thread: its ENOSPC still ends the transfer
+    as soon as it happens, with the disk's reason, while the reader waits for that worker."""
+
+    def full_disk(fd: int, data: Any, at: int) -> int:
+        time.sleep(0.3)  # the worker falls behind first: the reader is paused when it fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(diskio.os, "pwrite", full_disk)
+    size = 256 * MiB
+    origin.reset_stats()
+    harness = Harness(loop, {"FETCHER_STALL_TIMEOUT": 0.1})
+    writer = HashingWriter(tmp_path / "full.bin", f"{origin.url}/gen/{size}/full.bin", ("sha256",))
+    writer.prepare()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="No space left on device"):
+            harness.get(streamed(f"{origin.url}/gen/{size}/full.bin", writer))
+    finally:
+        writer.discard()
+        harness.close()
+    assert time.monotonic() - started < 3
+    assert origin.stats.bytes_sent < 32 * MiB  # stopped at once, not after the whole body

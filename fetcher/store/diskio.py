@@ -19,16 +19,21 @@ if TYPE_CHECKING:
 
 _READ_CHUNK = 1 << 20
 #: A big body's bytes go to the worker in batches of this many: one batch written and one
-#: gathered per body at most (memory stays flat).
+#: gathered per body (memory stays flat: the reader pauses its socket while one waits).
 _HASH_BATCH = 1 << 20
+#: A caller that never asks for the ``backlog`` (so never pauses) is made to wait for the worker
+#: once this much is gathered: the bound holds whoever feeds the bytes.
+_GATHER_LIMIT = 4 * _HASH_BATCH
 _WORKERS: list[ThreadPoolExecutor] = []  # made on first use
 
 
 class Hashes:
     """A body's digests, updated inline, or for a big body (``threaded``) on a worker thread that
-    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives. In
-    order, with at most one batch being written and one being gathered (memory stays flat); a
-    worker's OSError is raised by the next hand-over or ``drain``."""
+    also writes its bytes (at ``fd``, from offset ``at``): the reactor thread only receives, and
+    never waits for the worker while bytes flow. In order, with one batch being written and one
+    being gathered: while a full one waits, ``backlog`` names the batch it waits for, so that the
+    reader pauses its socket (memory stays flat); a worker's OSError is raised by the next
+    hand-over, ``backlog`` or ``drain``."""
 
     def __init__(self, algorithms: tuple[str, ...]) -> None:
         self.algorithms = algorithms
@@ -47,8 +52,22 @@ class Hashes:
             return
         self._batch.append(data)
         self._batched += len(data)
-        if self._batched >= _HASH_BATCH:
+        if self._batched >= _GATHER_LIMIT:  # a caller that does not pause: wait, as bounded
             self._hand_over()
+        elif self._batched >= _HASH_BATCH:
+            self.backlog()
+
+    def backlog(self) -> Future[None] | None:
+        """The worker's batch a full one waits behind (the caller should pause until it is
+        done), or None: a full batch whose turn came is handed over now, a worker's error raised."""
+        running = self._running
+        if running is not None and not running.done():
+            return running if self._batched >= _HASH_BATCH else None
+        if self._batched >= _HASH_BATCH:
+            self._hand_over()  # the previous batch is done: no wait, and its error raised
+        elif running is not None:
+            self._wait()  # nothing to hand over: a worker's error still shows now
+        return None
 
     def _hand_over(self) -> None:
         self._wait()  # the previous batch first: the digest is of the bytes in order

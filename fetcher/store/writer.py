@@ -25,6 +25,8 @@ from fetcher.store.naming import META_SUFFIX, PART_SUFFIX
 from fetcher.units import human_bytes
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from fetcher.contract import HeadersLike
 
 _READ_CHUNK = 1 << 20
@@ -305,6 +307,17 @@ class HashingWriter:
         self.size = self._hashed = size
         if self._tracks_offset and time.monotonic() >= self._checkpoint_at:
             self._checkpoint()
+
+    def ready(self) -> Future[None] | None:
+        """What the reader waits for before reading on (``fetcher.contract.Paced``): the disk
+        worker's batch when it fell behind, so TCP slows the sender instead of memory filling up;
+        None to read on. A worker's write error is raised here, as ``write`` raises it."""
+        if not self._hashes.threaded:
+            return None
+        try:
+            return self._hashes.backlog()
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
 
     def _hand_over(self, data: bytes) -> None:
         """A big body's bytes go to the worker, which writes them at their offset and hashes them."""

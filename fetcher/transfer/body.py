@@ -3,7 +3,8 @@
 :class:`BodyReader` is the Twisted protocol a response body is delivered to: it
 feeds each chunk to the sink (or keeps a bounded start of an error page), sends
 ``bytes_received``, watches for stalls, the size cap and FETCHER_MAX_TIME, and
-keeps to the bandwidth caps by pausing its transport.
+pauses its transport while a bandwidth cap or a sink that fell behind asks it to
+(the bytes wait in the kernel, then TCP slows the sender; memory stays flat).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.python.failure import Failure
 
-    from fetcher.contract import Sink
+    from fetcher.contract import Pending, Sink
     from fetcher.transfer.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class Discard(Protocol):
 
 class BodyReader(Protocol):
     """Feeds body chunks to the sink (or keeps a bounded error body), sends
-    bytes_received, watches for stalls and the size cap, and keeps to the
-    bandwidth caps by pausing its transport.
+    bytes_received, watches for stalls and the size cap, and pauses its transport
+    while a bandwidth cap or the sink asks: one pause for both, lifted when neither
+    does, and never counted as a stall (the stall timer does not run meanwhile).
 
     Fires *finished* with how the body ended, or errs with why it was cut."""
 
@@ -98,12 +100,12 @@ class BodyReader(Protocol):
         self._send = send  # bytes_received
         self._buffer = bytearray()
         self._received = 0
-        self._stall_call: DelayedCall | None = (
-            reactor.callLater(rules.stall_timeout, self._stalled) if rules.stall_timeout else None
-        )
         self._reactor = reactor
+        self._stall_call: DelayedCall | None = None  # None while paused (or with no stall timeout)
+        self._arm_stall()
         self._buckets = buckets  # the bandwidth caps; None: none, and nothing to do per chunk
         self._resume_call: DelayedCall | None = None  # while paused for a cap
+        self._backlog: Pending | None = None  # while paused for the sink
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:
@@ -135,8 +137,11 @@ class BodyReader(Protocol):
         elif len(self._buffer) >= ERROR_BODY_LIMIT:  # the rest of an error page is not worth reading
             self._end()
             self.stop()
-        elif self._buckets is not None:
-            self._pace(len(data))
+        else:
+            if self._buckets is not None:
+                self._pace(len(data))
+            if self._sink is not None:
+                self._await_sink()
 
     def _pace(self, n: int) -> None:
         """Charge *n* received bytes to every cap; over one, stop reading the socket
@@ -147,26 +152,72 @@ class BodyReader(Protocol):
             wait = max(wait, bucket.take(n, now))
         if not wait:
             return
+        self._hold()
+        call = self._resume_call
+        if call is None:
+            self._resume_call = self._reactor.callLater(wait, self._paid)
+        elif call.getTime() - self._reactor.seconds() < wait:  # more chunks of the same read
+            call.reset(wait)
+
+    def _paid(self) -> None:
+        self._resume_call = None
+        self._release()
+
+    def _await_sink(self) -> bool:
+        """Whether the sink fell behind (a disk worker): then read no more until it caught up.
+        Its bytes in flight are bounded by the pause (about one batch more), not by the sender."""
+        ready = getattr(self._sink, "ready", None)  # optional: fetcher.contract.Paced
+        if ready is None:
+            return False
+        try:
+            pending = ready()
+        except Exception as exc:  # a write that failed on the worker: stop now, report why
+            self.fail(exc)
+            return False
+        if pending is None:
+            return False
+        self._hold()
+        if pending is not self._backlog:
+            self._backlog = pending
+            # The worker's thread runs the callback: the reader is only touched on the reactor's.
+            pending.add_done_callback(lambda _: self._reactor.callFromThread(self._caught_up, pending))
+        return True
+
+    def _caught_up(self, pending: Pending) -> None:
+        if self.finished.called or pending is not self._backlog:
+            return  # the transfer ended meanwhile: nothing of it is touched
+        self._backlog = None
+        if not self._await_sink():
+            self._release()
+
+    def _hold(self) -> None:
+        """Pause the transport for a cap or the sink; the stall timer waits too (our own pause
+        is no stall)."""
         assert self.transport is not None
         # Every time, not only when the pause begins: Twisted resumes the transport itself
         # after replaying the chunks that arrived before the body had a reader.
         self.transport.pauseProducing()
-        call = self._resume_call
-        if call is None:
-            self._resume_call = self._reactor.callLater(wait, self._resume)
-        elif call.getTime() - self._reactor.seconds() < wait:  # more chunks of the same read
-            call.reset(wait)
-        if self._stall_call is not None:  # our own pause is no stall
-            self._stall_call.reset(wait + self._rules.stall_timeout)
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
 
-    def _resume(self) -> None:
-        self._resume_call = None
-        if self.finished.called:
+    def _release(self) -> None:
+        """Resume the transport once neither a cap nor the sink holds it; silence counts from now."""
+        if self.finished.called or self._resume_call is not None or self._backlog is not None:
             return
-        if self._stall_call is not None:  # silence counts from now
-            self._stall_call.reset(self._rules.stall_timeout)
+        self._arm_stall()
         assert self.transport is not None
         self.transport.resumeProducing()
+
+    def _arm_stall(self) -> None:
+        """Silence counts from now."""
+        if not self._rules.stall_timeout:
+            return
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.reset(self._rules.stall_timeout)
+        else:
+            self._stall_call = self._reactor.callLater(self._rules.stall_timeout, self._stalled)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone):
@@ -190,10 +241,11 @@ class BodyReader(Protocol):
             self.finished.callback(Ended(bytes(self._buffer), unverified, dataloss, stopped))
 
     def _cancel_timers(self) -> bool:
-        """Stop watching for stalls and drop a pending resume; False when the transfer
-        had ended already."""
+        """Stop watching for stalls and drop a pending resume (for a cap or the sink); False
+        when the transfer had ended already."""
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
+        self._backlog = None
         if self._resume_call is not None:
             if self._resume_call.active():
                 self._resume_call.cancel()
