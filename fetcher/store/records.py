@@ -389,35 +389,34 @@ def _imported(text: str, store_dir: Path, finished_at: str) -> StoredRecord | No
     if record.status == "failed":
         record.entry = record.url if "://" in record.url else None
         return record
-    if not _in_store(old.get("path"), store_dir, record.url):
+    final = _in_store(old.get("path"), store_dir, record.url)
+    if final is None:
         return None
-    if not _import_file(record, old, store_dir):
-        if not old.get("path"):
-            return None
+    if not _import_file(record, old, final):
         # A file that no longer matches (or is gone) keeps a record no stat matches: fetched again.
         record.path, record.size, record.checksum = old["path"], old.get("size"), old.get("checksum")
         record.algorithm, record.note = old.get("algorithm"), "did not match its record when imported"
     return record
 
 
-def _in_store(path: Any, store_dir: Path, url: str) -> bool:
-    """Whether an old manifest's *path* names a file inside the store (else its record is not imported)."""
+def _in_store(path: Any, store_dir: Path, url: str) -> Path | None:
+    """Where an old manifest's *path* is in the store; None when it names none (no path, or
+    one outside the store: then its record is not imported)."""
     if not path:
-        return True
+        return None
     try:
-        resolve_in_store(store_dir, str(path))
+        return resolve_in_store(store_dir, str(path))
     except ValueError as exc:
         logger.warning("Not importing %s's record: its path %r is not a file in the store (%s)",
                        safe_url(url), path, exc)
-        return False
-    return True
+        return None
 
 
-def _import_file(record: StoredRecord, old: dict[str, Any], store_dir: Path) -> bool:
-    path, algorithm, checksum = old.get("path"), old.get("algorithm"), old.get("checksum")
-    if not (path and algorithm and checksum) or algorithm not in hashlib.algorithms_available:
+def _import_file(record: StoredRecord, old: dict[str, Any], final: Path) -> bool:
+    """Take the file at *final* as the record's, if it still has its recorded size and digest."""
+    path, algorithm, checksum = old["path"], old.get("algorithm"), old.get("checksum")
+    if not (algorithm and checksum) or algorithm not in hashlib.algorithms_available:
         return False
-    final = resolve_in_store(store_dir, path)  # checked by _in_store
     try:
         st = final.stat()
         size, digests = hash_file(final, (algorithm,))
