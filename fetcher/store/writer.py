@@ -113,6 +113,11 @@ class Validators:
     last_modified: str | None = None
     length: int | None = None
 
+    @classmethod
+    def of(cls, url: str, headers: HeadersLike, length: int | None = None) -> Validators:
+        """The validators a response's headers give for *url*'s body of *length* bytes."""
+        return cls(url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"), length)
+
     def changed(self, other: Validators) -> bool:
         """Whether *other* names another version (a validator both sides have differs)."""
         return bool(
@@ -230,7 +235,7 @@ class HashingWriter:
         total = _header_int(headers, "Content-Length")
         if status == 206:
             start, total = content_range(headers)
-            validators = self._validators_of(headers, total)
+            validators = Validators.of(self.url, headers, total)
             if start != self.offset:
                 raise ResumeMismatch(f"server resumed at byte {start}, asked for {self.offset}")
             if self.validators is None or self.validators.changed(validators):
@@ -243,7 +248,7 @@ class HashingWriter:
                                     self.validators.length if total is None else total)
             self.resumed_from = start
         else:  # a full body: whatever was kept is replaced
-            validators = self._validators_of(headers, total)
+            validators = Validators.of(self.url, headers, total)
             self.resumed_from = 0
             self._reset_hashes()
         self.expected_size = total
@@ -364,11 +369,8 @@ class HashingWriter:
             and bool(self.offset)
             and value.strip() == f"bytes */{self.offset}"
             and self.validators is not None
-            and not self.validators.changed(self._validators_of(headers, self.offset))
+            and not self.validators.changed(Validators.of(self.url, headers, self.offset))
         )
-
-    def _validators_of(self, headers: HeadersLike, length: int | None = None) -> Validators:
-        return Validators(self.url, _header_str(headers, "ETag"), _header_str(headers, "Last-Modified"), length)
 
     # -- after the request, owned by the pipeline
 

@@ -52,8 +52,7 @@ class SplitDownload:
         if head is None:
             return None
         length = int(head.headers[b"Content-Length"])
-        headers = {k: (head.headers.get(k) or b"").decode("latin-1") or None for k in ("ETag", "Last-Modified")}
-        validators = Validators(self.record.url, headers["ETag"], headers["Last-Modified"], length)
+        validators = Validators.of(self.record.url, head.headers, length)
         if not validators.if_range():
             return None  # nothing to tell a changed file by: its ranges must not be combined
         state = SegmentState.resume_or_start(self.writer.final, validators, self.split, self.min_size)
