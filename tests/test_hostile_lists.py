@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import SCRAPY, Fetch, measured
+from tests.conftest import Fetch, measured
 from tests.origin import Origin, expected_digest
 from tests.redis_server import RedisServer
-from tests.test_queue_workers import queue_state
+from tests.test_queue_workers import queue_state, scrapy
 
 # Short leases and idle time, so that workers end within seconds of the queue draining.
 QUEUE = {"FETCHER_QUEUE_LEASE": "2", "FETCHER_QUEUE_IDLE": "2", "FETCHER_PROGRESS": "log"}
@@ -34,12 +34,6 @@ LONG_LINE_LIMIT = 100 * 1024  # no line of a log or failed.txt may be longer tha
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-def scrapy(fetch: Fetch, *args: str, stdin: str | None = None,
-           timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SCRAPY, *args], check=False, cwd=fetch.cwd, env=fetch.env(), input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def worker(fetch: Fetch, queue_url: str, store: Path, **settings: str) -> subprocess.Popen[bytes]:

@@ -185,3 +185,14 @@ def test_retry_stats_reasons_are_scrapys() -> None:
         assert outcome.stats_reason == "builtins.TimeoutError"
     assert AttemptFailed("HTTP 503", reason="HTTP 503", retryable=True, http_status=503).stats_reason == \
         "503 Service Unavailable"
+
+
+def test_the_fetch_items_fields_are_the_manifests() -> None:
+    """A feed of the fetch spider's items is its records: a field added to the manifest must be
+    one of the item's too (set_record would set it, but no feed would export it)."""
+    from dataclasses import fields
+
+    from fetcher.items import FetchItem
+    from fetcher.store.records import MANIFEST_FIELDS
+
+    assert [f.name for f in fields(FetchItem)] == ["file_urls", "files", *MANIFEST_FIELDS]
