@@ -50,16 +50,21 @@ def recheck_scraper_closing(crawler: Crawler) -> None:
     at any time (it fires only when the scraper is idle and closing)."""
     slot = crawler.engine.scraper.slot
     if slot is not None and slot.closing is not None and not slot.closing.called:
-        crawler.engine.scraper._check_if_closing()  # noqa: SLF001
+        crawler.engine.scraper._check_if_closing()
 
 
 def spider_closing(crawler: Crawler) -> bool:
     """Whether the run is ending (stopped, or its spider closing for any reason):
     time to start no new transfer and to cut backoffs short."""
-    engine = crawler.engine
-    slot = engine._slot  # noqa: SLF001 - Scrapy has no public "is closing" for the spider
+    return not crawler.engine.running or closing_began(crawler)
+
+
+def closing_began(crawler: Crawler) -> bool:
+    """Whether the spider's closing began (the engine may not have been running yet: a Ctrl-C
+    just after the spider opened)."""
+    slot = crawler.engine._slot
     # The slot's closing is a Deferred once closing began (Scrapy types it Deferred | None).
-    return not engine.running or isinstance(getattr(slot, "closing", None), Deferred)
+    return isinstance(getattr(slot, "closing", None), Deferred)
 
 
 def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
@@ -69,7 +74,7 @@ def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
     builds on it and also caps a response's status line and headers at *max_header_size*
     bytes: past it the connection is aborted at once (nothing more is read or kept) and
     the request fails with HeadersTooLarge, found in the ResponseFailed's ``reasons``."""
-    pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)  # noqa: SLF001
+    pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)
 
 
 class _CappedHTTPClientParser(_LenientHTTPClientParser):
