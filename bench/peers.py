@@ -82,7 +82,7 @@ from bench.machine import (
 )
 
 OUT = ROOT / "bench" / "out"
-TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1")
+TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1", "fetcher-w1", "fetcher-w2", "fetcher-w4")
 PEERS = TOOLS[:5]  # what runs by default; fetcher-1 (one connection per file) is F's baseline
 STATE_NAMES = {"manifest.jsonl", "failed.txt"}  # fetcher's records in FILES_STORE: not downloads
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
@@ -280,13 +280,15 @@ def command(tool: str, w: Workload, setup: Setup, binaries: dict[str, str]) -> t
     lst, dl = str(setup.lists[w.key]), str(setup.dl)
     base_env = {k: v for k, v in os.environ.items() if k not in ("SCRAPY_SETTINGS_MODULE", "SCRAPY_PROJECT")}
     concurrency = ["-s", "CONCURRENT_REQUESTS=64", "-s", "CONCURRENT_REQUESTS_PER_DOMAIN=64"]
-    if tool in ("fetcher", "fetcher-1"):
+    if tool.startswith("fetcher"):
         env = {**base_env, "SCRAPY_SETTINGS_MODULE": "fetcher.settings",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         # F: 8 ranges at once, as aria2c's -s 8 -x 8 -k 20M (fetcher-1: one connection, the baseline).
         split = ["-s", "FETCHER_SPLIT=8"] if w.key == "F" and tool == "fetcher" else []
+        # fetcher-wN: FETCHER_WORKERS=N (fetcher itself: the default, auto).
+        workers = ["-s", f"FETCHER_WORKERS={tool.removeprefix('fetcher-w')}"] if tool.startswith("fetcher-w") else []
         return [SCRAPY, "crawl", "fetch", "-a", f"list={lst}", *concurrency, "-s", "FETCHER_PROGRESS=off",
-                "-s", f"FILES_STORE={dl}", *split], env
+                "-s", f"FILES_STORE={dl}", *split, *workers], env
     if tool == "stock":  # run from the work folder: no scrapy.cfg, no project settings
         return [SCRAPY, "runspider", str(ROOT / "bench" / "stock_spider.py"), "-a", f"list={lst}", *concurrency,
                 "-s", f"FILES_STORE={dl}", "-s", "LOG_LEVEL=INFO", "-s", "TELNETCONSOLE_ENABLED=False",

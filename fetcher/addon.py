@@ -36,6 +36,7 @@ _COMPONENTS = (
     ("DOWNLOADER_MIDDLEWARES", "fetcher.middlewares.RedirectGuardMiddleware", 650),  # before RedirectMiddleware
     ("EXTENSIONS", "fetcher.extensions.Progress", 90),  # before the summary: its bar closes first
     ("EXTENSIONS", "fetcher.extensions.Summary", 110),
+    ("EXTENSIONS", "fetcher.extensions.WorkerReport", 120),  # in a worker process only
     ("EXTENSIONS", "scrapy.extensions.logstats.LogStats", None),  # fetcher's progress lines say it
 )
 _HANDLER = "fetcher.handlers.StreamingDownloadHandler"

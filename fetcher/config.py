@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fetcher.exceptions import StartupError
 from fetcher.store.writer import ALLOCATIONS
 from fetcher.transfer.backoff import Backoff
 from fetcher.transfer.ratelimit import parse_rate
+from fetcher.workers.plan import parse_workers
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -68,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_QUEUE_LEASE": 60.0,  # seconds an entry stays a dead worker's before another takes it
     "FETCHER_QUEUE_IDLE": 10.0,  # a worker ends after this long with nothing waiting or in flight; 0: never
     "FETCHER_QUEUE_MAX_DELIVERIES": 5,  # an entry delivered this often without an ack is dead-lettered
+    # -- Worker processes (fetcher.workers): one list, one store, one report
+    "FETCHER_WORKERS": "auto",  # processes downloading a list: N, or "auto" (one per core for a long list; README)
+    "FETCHER_WORKER_CHANNEL": "",  # set by a run for its workers ("FD:PID"): not a setting to set by hand
+    "FETCHER_SHARED_LIMITS": "",  # set by a run for its workers: the folder of the bandwidth caps they share
 }
 
 _LAYOUTS = ("url", "hash")
@@ -111,6 +116,9 @@ class Config:
     queue_lease: float
     queue_idle: float
     queue_max_deliveries: int
+    workers: int | None  # None: auto
+    worker_channel: WorkerChannel | None  # in a worker process: how it reports to its run
+    shared_limits: str
     backoff: Backoff
 
     @classmethod
@@ -166,9 +174,33 @@ class Config:
             queue_lease=r.seconds("FETCHER_QUEUE_LEASE", positive=True),
             queue_idle=r.seconds("FETCHER_QUEUE_IDLE"),
             queue_max_deliveries=r.int("FETCHER_QUEUE_MAX_DELIVERIES", minimum=1),
+            workers=parse_workers(r.raw("FETCHER_WORKERS")),
+            worker_channel=_channel(r.text("FETCHER_WORKER_CHANNEL")),
+            shared_limits=r.text("FETCHER_SHARED_LIMITS"),
             backoff=Backoff(r.seconds("FETCHER_BACKOFF_BASE"), r.seconds("FETCHER_BACKOFF_MAX"),
                             r.seconds("FETCHER_RETRY_AFTER_MAX")),
         )
+
+
+class WorkerChannel(NamedTuple):
+    """FETCHER_WORKER_CHANNEL ("FD:PID:RUN"): what a worker process knows of its run."""
+
+    fd: int  # the pipe its reports go to
+    run_pid: int  # the run's process
+    run_id: str  # the run's id, in every record a worker writes
+
+    def __str__(self) -> str:
+        return f"{self.fd}:{self.run_pid}:{self.run_id}"
+
+
+def _channel(value: str) -> WorkerChannel | None:
+    if not value:
+        return None
+    fd, pid, run = (value.split(":", 2) + ["", ""])[:3]
+    try:
+        return WorkerChannel(int(fd), int(pid), run)
+    except ValueError:
+        raise ValueError(f"FETCHER_WORKER_CHANNEL is set by a run for its workers, not {value!r}") from None
 
 
 _BY_CRAWLER: weakref.WeakKeyDictionary[Crawler, Config] = weakref.WeakKeyDictionary()

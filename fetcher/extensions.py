@@ -1,14 +1,20 @@
 """Extensions that report how a run went, fed by ``fetcher.signals.file_finished``:
-the progress display, and the counts, stats and summary. (The records, the
-manifest and failed.txt are the store's: see ``fetcher.store.records``.)"""
+the progress display, and the counts, stats and summary; and in a worker process,
+the report to its run (WorkerReport). (The records, the manifest and failed.txt
+are the store's: see ``fetcher.store.records``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from typing import IO, TYPE_CHECKING, Any
@@ -22,6 +28,7 @@ from fetcher import signals as fetcher_signals
 from fetcher.config import Config
 from fetcher.redact import safe_url
 from fetcher.units import human_bytes
+from fetcher.workers import channel
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -52,6 +59,8 @@ class Summary:
         crawler.signals.connect(self.opened, signal=signals.spider_opened)
         crawler.signals.connect(self.record, signal=fetcher_signals.file_finished)
         crawler.signals.connect(self.closed, signal=signals.spider_closed)
+        crawler.signals.connect(self.stopped, signal=signals.engine_stopped)
+        self._reason: str | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Summary:
@@ -79,7 +88,13 @@ class Summary:
                 examples.append(safe_url(record.url))
 
     def closed(self, reason: str) -> None:
-        logger.info("%s", self.text(reason))
+        self._reason = reason
+
+    def stopped(self) -> None:
+        """Said once the spider's closing is over: a stopped run's worker processes report
+        their last records while it closes."""
+        if self._reason is not None and Config.of(self.crawler).worker_channel is None:  # a worker's run says it
+            logger.info("%s", self.text(self._reason))
 
     def text(self, reason: str = "finished") -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -269,3 +284,117 @@ class _AboveTheBar:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class WorkerReport:
+    """A worker process's side of its run (fetcher.workers.crew): each record once it is
+    in the store, the progress figures, its log lines and its final stats go to the run
+    over the channel the run gave it (FETCHER_WORKER_CHANNEL). Only in a worker.
+
+    A worker ends with its run: the kernel sends it SIGTERM when the run dies
+    (PR_SET_PDEATHSIG), and a run that went away before that was set is noticed at once."""
+
+    _TICK = 0.5  # seconds between progress figures
+
+    def __init__(self, crawler: Crawler, fd: int, run: int) -> None:
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.fd = fd
+        self._lock = threading.Lock()  # log lines come from threads too: one message at a time
+        self._records: list[FileRecord] = []
+        self._last: tuple[int, int, int] | None = None
+        self._gone = False
+        self._loop = LoopingCall(self.tick)
+        _end_with(run)
+        handler = _ToRun(self, crawler.settings.get("LOG_LEVEL"))
+        logging.root.addHandler(handler)
+        crawler.signals.connect(self.opened, signal=signals.spider_opened)
+        crawler.signals.connect(self.record, signal=fetcher_signals.file_finished)
+        crawler.signals.connect(self.unwritten, signal=fetcher_signals.records_unwritten)
+        crawler.signals.connect(self.closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> WorkerReport:
+        run = Config.of(crawler).worker_channel
+        if run is None:
+            raise NotConfigured  # no reason: Scrapy says nothing of an extension that is not for this process
+        return cls(crawler, run.fd, run.run_pid)
+
+    def send(self, *message: Any) -> None:
+        with self._lock:
+            if self._gone:
+                return
+            try:
+                channel.send(self.fd, message)
+            except OSError:  # the run is gone: stop as a Ctrl-C would
+                self._gone = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def opened(self) -> None:
+        self.send("ready")
+        self._loop.start(self._TICK, now=False)
+
+    def record(self, record: FileRecord) -> None:
+        """Sent a little later (with the others of the next few ms: each message wakes the run):
+        after every handler of this signal, the store's records among them, has run (the record
+        is in the store; its manifest line is made)."""
+        if not self._records:
+            asyncio.get_running_loop().call_later(channel.COALESCE, self._send_records)
+        self._records.append(record)
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        self.tick()  # the bytes before the records: the run's progress never counts a file without them
+        self.send("records", [dataclasses.replace(r, response=None) for r in records])
+
+    def unwritten(self) -> None:
+        self.send("unwritten")
+
+    def tick(self) -> None:
+        figures = (self.stats.get_value("fetcher/bytes_received", 0), self.stats.get_value("fetcher/active", 0),
+                   self.stats.get_value("fetcher/retry_waiting", 0))
+        if figures != self._last:
+            self._last = figures
+            self.send("progress", *figures)
+
+    def closed(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        if self._records:
+            self._send_records()
+        self.tick()
+        self.send("stats", self.stats.get_stats())
+
+
+def _end_with(run: int) -> None:
+    """SIGTERM (a graceful stop) when the run process dies, even by kill -9 (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != run:  # it died before that was set
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _ToRun(logging.Handler):
+    """A worker's log records, to its run's log (formatted there, so there is one log
+    and no line is interleaved with another). Scrapy's own chatter below WARNING (each
+    worker's "Spider opened") stays in the worker."""
+
+    def __init__(self, report: WorkerReport, level: str | int) -> None:
+        super().__init__(level)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and record.name.startswith(("scrapy", "twisted", "py.warnings")):
+            return
+        try:
+            attributes = {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                          "msg": record.getMessage(), "created": record.created, "msecs": record.msecs,
+                          "pathname": record.pathname, "lineno": record.lineno, "funcName": record.funcName,
+                          "exc_text": _FORMAT.formatException(record.exc_info) if record.exc_info
+                          else record.exc_text}
+            self.report.send("log", attributes)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+_FORMAT = logging.Formatter()

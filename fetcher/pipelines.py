@@ -33,7 +33,7 @@ from scrapy.utils.misc import arg_to_iter
 from twisted.python.failure import Failure
 
 from fetcher import signals
-from fetcher._scrapy_private import spider_closing
+from fetcher._scrapy_private import closing_began, spider_closing
 from fetcher.config import Config
 from fetcher.contract import ENTRY_META
 from fetcher.exceptions import StartupError
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_STOP_POLL = 0.5  # seconds: how soon a stopping run cuts its transfers
+_STOP_POLL = 0.25  # seconds: how soon a stopping run cuts its transfers
 _LOCK_POLL = 0.1  # seconds between tries for a path another process is writing
 
 
@@ -83,6 +83,7 @@ class StreamingFilesPipeline(FilesPipeline):
     LOG_FAILED_RESULTS = False  # one readable line per failure is logged instead
 
     def __init__(self, store_uri: str | PathLike[str], *, crawler: Crawler) -> None:
+        _make_local_store(str(store_uri))
         try:
             super().__init__(store_uri, crawler=crawler)
         except Exception as exc:  # making Scrapy's store: a missing library, a bad URI, no credentials
@@ -145,7 +146,8 @@ class StreamingFilesPipeline(FilesPipeline):
         """A stopped run (Ctrl-C, CLOSESPIDER_*) ends within seconds even with large
         files in flight: their transfers are cut and their .part files kept for the rerun."""
         assert self.crawler.engine is not None
-        while not self.crawler.engine.running:  # the spider opens before the engine runs
+        # The spider opens before the engine runs (and a Ctrl-C may come in between).
+        while not (self.crawler.engine.running or closing_began(self.crawler)):
             await asyncio.sleep(_STOP_POLL)
         while not spider_closing(self.crawler):
             await asyncio.sleep(_STOP_POLL)
@@ -327,6 +329,18 @@ class StreamingFilesPipeline(FilesPipeline):
             raise AttemptFailed(f"cannot name a file for {request.url}: {exc}", reason="bad URL",
                                 retryable=False) from exc
 
+    def worker_key(self, entry: Entry) -> int:
+        """Which worker process gets *entry*: the key of its path's claim, so that URLs saved
+        to one name meet in one worker (its URL's when its name depends on more than the entry:
+        a subclass's file_path, or stock's hash of the whole URL, unique to it)."""
+        path: str | None = entry.out
+        if path is None and self.config.layout == "url" and not _overrides(type(self), "file_path"):
+            with contextlib.suppress(ValueError):
+                path = url_to_path(entry.url, keep_query=self.config.name_query)
+        if path is not None and (entry.out is None or not _overrides(type(self), "file_path")):
+            return run_key(owner_name(path))
+        return run_key(urldefrag(entry.url)[0])
+
     def _claim(self, path: str, url: str) -> bool:
         """Take *path* (and its partial files' names) for *url* in this run; False when another URL has it."""
         owner = run_key(urldefrag(url)[0])
@@ -391,6 +405,14 @@ class StreamingFilesPipeline(FilesPipeline):
         self.inc_stats(record.status)
         self.crawler.signals.send_catch_log(signals.file_finished, record=record)
         return record
+
+
+def _make_local_store(uri: str) -> None:
+    """Create a local FILES_STORE before Scrapy's FSFilesStore looks for it: it checks, then
+    creates, so two processes starting at once into a new store would race (EEXIST)."""
+    if "://" not in uri or uri.startswith("file://"):
+        with contextlib.suppress(OSError):  # Scrapy's store then says what is wrong
+            Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
 
 def _make_folder_of(local: Path) -> None:

@@ -8,3 +8,7 @@ file_finished = object()
 #: Sent once when the store's records could not be written (a full disk, a folder in the
 #: manifest's place): the run's records are not complete, and it must not exit 0.
 records_unwritten = object()
+
+#: Sent when the run cannot end well for a reason outside its records, with ``reason``
+#: (a worker process that could not start, or none left to finish the list).
+run_failed = object()

@@ -45,13 +45,17 @@ class _Outcome:
     def __init__(self) -> None:
         self.failed = 0
         self.startup_error = False
-        self.unwritten = False
+        self.unwritten = False  # or another failure outside the records (run_failed)
         self.reason: str | None = None
 
     def record(self, record: FileRecord) -> None:
         self.failed += record.status == "failed"
 
     def records_unwritten(self) -> None:
+        self.unwritten = True
+
+    def run_failed(self, reason: str) -> None:
+        logger.error("%s", reason)
         self.unwritten = True
 
     def closed(self, reason: str) -> None:
@@ -88,6 +92,7 @@ class Command(ScrapyCrawlCommand):
         outcome = _Outcome()
         crawler.signals.connect(outcome.record, signal=fetcher_signals.file_finished, weak=False)
         crawler.signals.connect(outcome.records_unwritten, signal=fetcher_signals.records_unwritten, weak=False)
+        crawler.signals.connect(outcome.run_failed, signal=fetcher_signals.run_failed, weak=False)
         crawler.signals.connect(outcome.closed, signal=signals.spider_closed, weak=False)
         task = self.crawler_process.crawl(crawler, **opts.spargs)
         if isinstance(task, asyncio.Future):

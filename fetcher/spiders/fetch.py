@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urldefrag
 
 from scrapy import Request, Spider, signals
@@ -30,7 +35,7 @@ from scrapy.exceptions import CloseSpider
 
 from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
-from fetcher.config import Config
+from fetcher.config import Config, WorkerChannel
 from fetcher.contract import SINK_META, STREAMED_FLAG
 from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
 from fetcher.listing.sources import (
@@ -39,6 +44,7 @@ from fetcher.listing.sources import (
     ListWarnings,
     check_source,
     count_entries,
+    in_thread,
     local_copy,
     read_entries,
 )
@@ -49,11 +55,23 @@ from fetcher.queue.worker import QueueWorker
 from fetcher.redact import safe_line, safe_url
 from fetcher.store.writer import HashingWriter
 from fetcher.transfer.retry import Retrier
+from fetcher.workers import channel
+from fetcher.workers.crew import Crew
+from fetcher.workers.plan import (
+    AUTO_MIN_ENTRIES,
+    AUTO_WAIT,
+    Limits,
+    choose,
+    shares,
+    worker_argv,
+    worker_env,
+)
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _IDLE_POLL = 0.02  # seconds between idleness checks once the list is exhausted
 #: Scrapyd passes each argument on one command line, and past ~128 KiB the job never starts.
@@ -63,7 +81,7 @@ _MAX_INLINE = 64 * 1024
 class FetchSpider(Spider):
     name = "fetch"
 
-    def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:  # noqa: A002
+    def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check_arguments(list, urls)
         self.list_source = list
@@ -77,10 +95,11 @@ class FetchSpider(Spider):
         #: Whether the whole list was read (every entry then has a record): the exit status needs it.
         self.list_complete = False
         self._queue: QueueWorker | None = None
+        self._crew: Crew | None = None  # the run's worker processes, when it has them
         self.retrier: Retrier  # the list download's, made at start (the crawler's stats exist from then on)
 
     @staticmethod
-    def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:  # noqa: A002
+    def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:
         """Refuse a run that cannot start, before anything starts (ValueError)."""
         if bool(list) == bool(urls):
             raise ValueError('give the URLs with either -a list=PATH|-|URL|REDIS_URL or -a urls="URL URL ..."')
@@ -118,10 +137,18 @@ class FetchSpider(Spider):
         self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
         count = 0
         try:
-            async for entry in self._entries():
+            entries = self._entries()
+            if self._queue is None and self.list_source:
+                entries = await self._with_workers(entries, pipeline)
+            async for entry in entries:
                 if (item := await self._item(entry)) is not None:
                     count += 1
-                    yield item
+                    if self._crew is None:
+                        yield item
+                    else:  # a worker process fetches it; its record comes back as the item (_answered)
+                        self._crew.deal(item.fetcher_entries[0])
+            if self._crew is not None:
+                await self._crew.drained()  # the engine is not idle while the workers have entries
         except ListUnavailable as exc:
             logger.error("%s", exc)
             raise CloseSpider("list_unavailable") from exc
@@ -131,7 +158,7 @@ class FetchSpider(Spider):
             return  # the queue went away: what was taken finishes, and the exit status says so
         self.list_complete = True
         self.crawler.stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
-        if not count:
+        if not count and Config.of(self.crawler).worker_channel is None:  # a worker may get none
             logger.warning("The list has no URLs to download")
 
     async def _item(self, entry: Entry | BadLine) -> FetchItem | None:
@@ -170,11 +197,77 @@ class FetchSpider(Spider):
         stats = self.crawler.stats
         while engine.spider is self:
             if spider_closing(self.crawler):
+                if self._crew is not None:
+                    self._crew.stop()
                 recheck_scraper_closing(self.crawler)
             elif stats.get_value("fetcher/list_complete") and engine.spider_is_idle():
                 await engine.close_spider_async(reason="finished")
                 return
             await asyncio.sleep(_IDLE_POLL)
+
+    async def _with_workers(self, entries: AsyncIterator[Entry | BadLine],
+                            pipeline: StreamingFilesPipeline) -> AsyncIterator[Entry | BadLine]:
+        """Start the run's worker processes when FETCHER_WORKERS asks for them; ``auto``
+        first reads up to AUTO_MIN_ENTRIES entries, for at most AUTO_WAIT seconds."""
+        config = Config.of(self.crawler)
+        if config.workers == 1:
+            return entries
+        first: list[Entry | BadLine] = []
+        if config.workers is None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + AUTO_WAIT
+            async for entry in entries:
+                first.append(entry)
+                if len(first) >= AUTO_MIN_ENTRIES or loop.time() > deadline:
+                    break
+        limits = Limits.of(self.crawler.settings, config.max_pending)
+        plan = choose(config.workers, limits, entries=len(first), kind="list", scrapyd=hasattr(self, "_job"))
+        if plan.why:
+            logger.warning("%s", plan.why)
+        if plan.workers > 1:
+            self._start_crew(plan.workers, limits, pipeline)
+        return _chained(first, entries)
+
+    def _start_crew(self, n: int, limits: Limits, pipeline: StreamingFilesPipeline) -> None:
+        shared = tempfile.mkdtemp(prefix="fetcher-limits-")  # private (0700): the workers' shared caps
+        run_id = pipeline.run_records.run_id
+        signals_ = self.crawler.signals
+
+        def command(index: int, fd: int) -> list[str]:
+            own = {**shares(limits, n, index), "FETCHER_WORKERS": "1", "FETCHER_PROGRESS": "off",
+                   "FETCHER_WORKER_CHANNEL": str(WorkerChannel(fd, os.getpid(), run_id)), "FETCHER_SHARED_LIMITS": shared,
+                   "LOG_ENABLED": "False", "STATS_DUMP": "False",
+                   "FILES_STORE": str(self.crawler.settings.get("FILES_STORE"))}
+            return worker_argv(self.name, self.crawler.settings, own)
+
+        crew = Crew(n, command, env=worker_env(), key=pipeline.worker_key, answered=self._answered,
+                    stats=self.crawler.stats,
+                    failed=lambda reason: signals_.send_catch_log(fetcher_signals.run_failed, reason=reason),
+                    unwritten=lambda: signals_.send_catch_log(fetcher_signals.records_unwritten))
+        crew.start()
+
+        async def finish() -> None:
+            await crew.finish()
+            shutil.rmtree(shared, ignore_errors=True)
+
+        self._crew = crew
+        pipeline.run_records.writers.append(finish)
+
+    def _answered(self, record: FileRecord) -> None:
+        """An entry's record, from a worker process (in the store already, and through the item
+        pipelines there) or from the run (stopped before a worker had it: recorded here). It is
+        reported, and exported as the fetch spider's item, as if this process had fetched it."""
+        if record.line is None:
+            logger.error("Failed %s: %s", safe_url(record.url), record.error)
+        signals_ = self.crawler.signals
+        signals_.send_catch_log(fetcher_signals.file_finished, record=record)
+        item = FetchItem(file_urls=[record.url])
+        if record.status != "failed":
+            item.files = [{"url": record.url, "path": record.path, "checksum": record.checksum,
+                           "status": record.status}]
+        if record.line is not None:
+            item.set_record(record.line)
+        signals_.send_catch_log(signals.item_scraped, item=item, response=None, spider=self)
 
     def _item_done(self, item: Any, **kwargs: Any) -> None:
         if isinstance(item, FetchItem):
@@ -197,6 +290,10 @@ class FetchSpider(Spider):
     async def _entries(self) -> AsyncIterator[Entry | BadLine]:
         if self._queue is not None:
             async for e in self._queue.entries(lambda: self.max_pending - self._pending):
+                yield e
+            return
+        if Config.of(self.crawler).worker_channel is not None:  # a worker process: its run deals the entries
+            async for e in in_thread(functools.partial(channel.messages, sys.stdin.fileno())):
                 yield e
             return
         if self.inline_urls:
@@ -233,8 +330,15 @@ class FetchSpider(Spider):
         request = Request(url, meta={SINK_META: writer, "dont_retry": True}, headers={"Accept-Encoding": "identity"})
         try:
             response = await self.crawler.engine.download_async(request)
-        except Exception as exc:  # noqa: BLE001 - any failure is worth another try
+        except Exception as exc:
             raise ListFetchFailed(str(exc) or type(exc).__name__, retryable=True) from exc
         if STREAMED_FLAG not in response.flags:
             raise ListFetchFailed(f"HTTP {response.status}", retryable=response.status in self.retrier.policy.http_codes)
         writer.commit()
+
+
+async def _chained(first: list[_T], rest: AsyncIterator[_T]) -> AsyncIterator[_T]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item

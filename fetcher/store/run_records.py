@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,8 @@ class RunRecords:
         reports = self.state_dir if isinstance(target, RemoteTarget) else target.basedir
         self.manifest_path = Path(config.manifest or reports / "manifest.jsonl")
         self.failed_path = Path(config.failed_list or reports / "failed.txt")
-        self.run_id = new_run_id()
+        # A worker process writes its run's records: they carry the run's id.
+        self.run_id = config.worker_channel.run_id if config.worker_channel else new_run_id()
         try:  # blocking (an old store's manifest is imported once): at start, before the first download
             store_dir = None if isinstance(target, RemoteTarget) else target.basedir
             self.records: RecordStore | None = RecordStore.open(
@@ -65,12 +67,15 @@ class RunRecords:
             raise StartupError(f"cannot open the store's records in {self.state_dir}: {why}") from None
         self._own = self._own_names()
         self._said_unwritten = False
+        #: Awaited before the records are closed: the run's worker processes, still writing them.
+        self.writers: list[Callable[[], Awaitable[None]]] = []
         crawler.signals.connect(self.put, signal=signals.file_finished)
         crawler.signals.connect(self.close, signal=scrapy_signals.spider_closed)
 
     def put(self, record: FileRecord) -> None:
-        """Every URL's end (the pipeline's files and the spider's bad lines) becomes its current record."""
-        if self.records is not None:
+        """Every URL's end (the pipeline's files and the spider's bad lines) becomes its current record;
+        one that has its manifest line was recorded already (by a worker process of this run)."""
+        if self.records is not None and record.line is None:
             stored = self.stored(record)
             record.line = stored.manifest()  # the fetch spider's item takes it too: redacted and built once
             self.records.put(stored, durable=record.status != "uptodate", line=record.line)
@@ -137,8 +142,14 @@ class RunRecords:
     async def close(self) -> None:
         """Leave the records true for the next run: the manifest with one line per
         URL, failed.txt with the store's failures, a remote store's manifest uploaded."""
+        for writer in self.writers:
+            await writer()
         records, self.records = self.records, None
         if records is None:
+            return
+        if self.config.worker_channel is not None:  # a worker process: its run closes the store's records
+            records.close()
+            self.locks.close()
             return
         try:
             await asyncio.to_thread(records.compact)

@@ -9,21 +9,23 @@ global slot, then in all.
 
 The bandwidth caps live here too: one token bucket for the crawl
 (FETCHER_MAX_RATE) and one per downloader slot (FETCHER_MAX_RATE_PER_HOST),
-none when unset.
+none when unset; in a run's worker processes, buckets they all share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import resource
 import weakref
+from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from fetcher.config import Config
-from fetcher.transfer.ratelimit import TokenBucket
+from fetcher.transfer.ratelimit import SharedTokenBucket, TokenBucket
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -48,7 +50,8 @@ class TransferLimits:
         self._slot_settings = settings.getdict("DOWNLOAD_SLOTS")
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._host_rate = config.max_rate_per_host
-        self._rate_total = TokenBucket(config.max_rate, now=monotonic()) if config.max_rate else None
+        self._shared = Path(config.shared_limits) if config.shared_limits else None
+        self._rate_total = self._bucket("total", config.max_rate) if config.max_rate else None
         self._rate_slots: dict[str, TokenBucket] = {}
 
     @classmethod
@@ -75,9 +78,17 @@ class TransferLimits:
             key = downloader.get_slot_key(request)
             host = self._rate_slots.get(key)
             if host is None:
-                host = self._rate_slots[key] = TokenBucket(self._host_rate, now=monotonic())
+                host = self._rate_slots[key] = self._bucket(f"slot-{key}", self._host_rate)
             return (host,) if self._rate_total is None else (self._rate_total, host)
         return None if self._rate_total is None else (self._rate_total,)
+
+
+    def _bucket(self, name: str, rate: float) -> TokenBucket:
+        """A cap's bucket: this process's own, or in a worker the one every worker of the run shares."""
+        if self._shared is None:
+            return TokenBucket(rate, now=monotonic())
+        file = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+        return SharedTokenBucket(self._shared / f"{file}.rate", rate, now=monotonic())
 
 
 def _fitting_concurrency(wanted: int) -> int:

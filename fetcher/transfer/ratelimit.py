@@ -1,7 +1,8 @@
 """Bandwidth caps as token buckets (FETCHER_MAX_RATE, FETCHER_MAX_RATE_PER_HOST).
 
 Pure: no Scrapy, no reactor, no clock of its own (the caller passes ``now``), so
-it is tested with a fake clock. The download handler charges every body chunk it
+it is tested with a fake clock. The worker processes of one run share their
+buckets (:class:`SharedTokenBucket`), so a cap holds for the run as a whole. The download handler charges every body chunk it
 has received to its buckets and, when one says to wait, pauses reading the socket
 for that long: bytes are never slept on nor held in memory, they wait in the
 kernel's socket buffer and then TCP's window.
@@ -16,8 +17,13 @@ and over long windows the rate converges on the cap.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
 import re
+import struct
+from pathlib import Path
 
 #: A bucket holds at least this much credit: one socket read (Twisted reads up to
 #: 64 KiB at a time). With less, every read would overshoot the credit and pause.
@@ -63,6 +69,34 @@ class TokenBucket:
         if self._tokens >= 0:
             return 0.0
         return -self._tokens / self.rate
+
+
+class SharedTokenBucket(TokenBucket):
+    """The same bucket shared by the worker processes of one run: its balance lives in a
+    small file each of them maps (in a private folder the run made), changed under an
+    ``flock``. ``now`` must be ``time.monotonic()``: one clock for every process."""
+
+    __slots__ = ("_fd", "_map")
+    _STATE = struct.Struct("=dd?")  # tokens, last, started
+
+    def __init__(self, path: Path, rate: float, *, burst: float | None = None, now: float = 0.0) -> None:
+        super().__init__(rate, burst=burst, now=now)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < self._STATE.size:
+            os.ftruncate(self._fd, self._STATE.size)  # zeros: not started (the first taker fills it)
+        self._map = mmap.mmap(self._fd, self._STATE.size)
+
+    def take(self, n: int, now: float) -> float:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            tokens, last, started = self._STATE.unpack_from(self._map)
+            if started:
+                self._tokens, self._last = tokens, last
+            wait = super().take(n, now)
+            self._STATE.pack_into(self._map, 0, self._tokens, self._last, True)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return wait
 
 
 def parse_rate(name: str, value: object) -> float:
