@@ -11,6 +11,7 @@ wget2 and time, and pip install matplotlib into this venv):
 Tools, all at concurrency 64:
   fetcher  scrapy crawl fetch -a list=... -s CONCURRENT_REQUESTS=64 -s CONCURRENT_REQUESTS_PER_DOMAIN=64
            -s FETCHER_PROGRESS=off -s FILES_STORE=<tmpfs>   (SCRAPY_SETTINGS_MODULE=fetcher.settings)
+  fetcher-wN  fetcher with -s FETCHER_WORKERS=N (fetcher-w1, -w2, -w4; "fetcher" is the default, auto)
   stock    scrapy runspider bench/stock_spider.py: stock FilesPipeline, Scrapy's defaults but the same
            concurrency, LOG_LEVEL=INFO, no telnet or remote-control server, run outside the project
   aria2c   aria2c -i LIST -j 64 -x 1 -s 1 --file-allocation=none   (F: -s 8 -x 8 -k 20M, segmented)
@@ -23,6 +24,7 @@ Workloads (files are random bytes; nginx serves them from a tmpfs mounted for th
   C  1 x 3 GiB                      nginx (stock fails by design: Scrapy's 1 GiB DOWNLOAD_MAXSIZE)
   D  2,000 x 64 KiB, 50 ms delay    the Python test origin (tests.origin.Origin, ?delay=0.05), own process
   E  empty list                     start-up and shut-down only
+  G  10 x 16 KiB                    nginx: a short list, start-up and a few files
   F  1 x 512 MiB at 20 MiB/s per connection   nginx `limit_rate 20m`; fetcher with FETCHER_SPLIT=8
      (8 ranges at once, 20 MiB minimum each, as aria2c -s 8 -x 8 -k 20M), fetcher-1 (one connection,
      the baseline), stock and aria2c run F by default (curl and wget2 on one connection take 25.6 s
@@ -129,6 +131,7 @@ WORKLOADS = {
     "C": Workload("C", "1 x 3 GiB", 1, 3 * GIB, "nginx", 3),
     "D": Workload("D", "2,000 x 64 KiB, 50 ms server delay", 2000, 64 * KIB, "origin", 5),
     "E": Workload("E", "empty list", 0, 0, "nginx", 5),
+    "G": Workload("G", "10 x 16 KiB", 10, 16 * KIB, "nginx", 5),  # a short list: start-up and a few files
     # curl and wget2 (as run here) fetch on one connection: 512 MiB / 20 MiB/s = 25.6 s by construction,
     # 2.6 minutes of a default run that say nothing new. --tools fetcher,stock,aria2c,curl,wget2 runs them.
     "F": Workload("F", "1 x 512 MiB at 20 MiB/s per connection", 1, 512 * MIB, "nginx", 3,

@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 
 from fetcher import signals as fetcher_signals
 from fetcher.config import Config
-from fetcher.redact import safe_url
+from fetcher.redact import redact, safe_url
 from fetcher.units import human_bytes
 from fetcher.workers import channel
 
@@ -387,11 +387,12 @@ class _ToRun(logging.Handler):
         if record.levelno < logging.WARNING and record.name.startswith(("scrapy", "twisted", "py.warnings")):
             return
         try:
-            attributes = {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
-                          "msg": record.getMessage(), "created": record.created, "msecs": record.msecs,
-                          "pathname": record.pathname, "lineno": record.lineno, "funcName": record.funcName,
-                          "exc_text": _FORMAT.formatException(record.exc_info) if record.exc_info
-                          else record.exc_text}
+            attributes = {"name": record.name, "levelno": record.levelno, "msg": record.getMessage(),
+                          "created": record.created, "pathname": record.pathname, "lineno": record.lineno,
+                          "funcName": record.funcName,
+                          # redacted already when the record was made (fetcher.logs); else here
+                          "exc_text": record.exc_text or (redact(_FORMAT.formatException(record.exc_info))
+                                                          if record.exc_info else None)}
             self.report.send("log", attributes)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)

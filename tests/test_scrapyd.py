@@ -130,8 +130,8 @@ class Scrapyd:
     deploy: subprocess.CompletedProcess[str]
     jobs: dict[str, str] = field(default_factory=dict)
 
-    def request(self, path: str, data: dict[str, str] | None = None, auth: bool = True) -> bytes:
-        body = urllib.parse.urlencode(data).encode() if data is not None else None
+    def request(self, path: str, data: dict[str, str | list[str]] | None = None, auth: bool = True) -> bytes:
+        body = urllib.parse.urlencode(data, doseq=True).encode() if data is not None else None
         req = urllib.request.Request(self.url + path, data=body)
         if auth:
             token = base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
@@ -139,12 +139,12 @@ class Scrapyd:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return bytes(resp.read())
 
-    def api(self, path: str, data: dict[str, str] | None = None) -> dict[str, Any]:
+    def api(self, path: str, data: dict[str, str | list[str]] | None = None) -> dict[str, Any]:
         answer: dict[str, Any] = json.loads(self.request(path, data))
         assert answer["status"] == "ok", answer
         return answer
 
-    def schedule(self, name: str, **params: str) -> str:
+    def schedule(self, name: str, **params: str | list[str]) -> str:
         job: str = self.api("/schedule.json", {"project": "fetcher", "spider": "fetch", **params})["jobid"]
         self.jobs[name] = job
         return job
@@ -262,6 +262,9 @@ def jobs(scrapyd: Scrapyd, origin: Origin, tmp_path_factory: pytest.TempPathFact
     scrapyd.schedule("big", urls=big)
     scrapyd.schedule("packaged", list="package:example.txt", setting=f"FILES_STORE={store}-packaged")
     scrapyd.schedule("worker", list=redis_queue, setting=f"FILES_STORE={store}-worker")  # a queue worker job
+    origin.texts["scrapyd/many.txt"] = "".join(f"{u}/gen/2k/many{i}.bin\n" for i in range(40))
+    scrapyd.schedule("processes", list=f"{u}/text/scrapyd/many.txt",
+                     setting=[f"FILES_STORE={store}-processes", "FETCHER_WORKERS=2"])  # worker processes, from the egg
 
     deadline = time.monotonic() + DEADLINE
     wanted = set(scrapyd.jobs.values())
@@ -362,6 +365,18 @@ def test_a_list_packaged_with_fetcher_is_read_by_a_job(scrapyd: Scrapyd, jobs: d
     urls = {r["url"] for r in _records(scrapyd, jobs["packaged"])}
     assert urls == {"http://127.0.0.1:8765/gen/64k/example/one.bin", "http://127.0.0.1:8765/gen/128k/example/two.bin"}
     assert "fetcher summary: 2 URLs" in _log(scrapyd, jobs["packaged"])
+
+
+def test_a_job_with_worker_processes_gives_one_items_file(scrapyd: Scrapyd, jobs: dict[str, dict[str, Any]],
+                                                         origin: Origin) -> None:
+    """FETCHER_WORKERS=2 in a job: the workers run fetcher from the deployed egg, and the job's
+    items file and log hold every worker's records, once."""
+    records = _records(scrapyd, jobs["processes"])
+    assert sorted(r["url"] for r in records) == sorted(f"{origin.url}/gen/2k/many{i}.bin" for i in range(40))
+    assert {r["status"] for r in records} == {"downloaded"}
+    log = _log(scrapyd, jobs["processes"])
+    assert "Downloading with 2 worker processes" in log and log.count("fetcher summary: 40 URLs") == 1, log
+    assert "Process finished:" in scrapyd.end_line(jobs["processes"]["id"])
 
 
 def test_a_queue_worker_job_empties_the_queue(scrapyd: Scrapyd, jobs: dict[str, dict[str, Any]],

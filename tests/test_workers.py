@@ -112,12 +112,15 @@ def test_workers_share_one_list_and_give_one_report(fetch: Fetch, origin: Origin
     listing += f"{u}/status/404\n"
     listing += f"{u}/gen/1k/same-a.bin\n  out=same.bin\n{u}/gen/1k/same-b.bin\n  out=same.bin\n"
     listing += "http://\n"  # a bad line
+    secret = u.replace("http://", "http://alice:s3cret-pw@") + "/status/403"  # logged by a worker, redacted
+    listing += f"{secret}\n"
     run = fetch(listing, "-O", "items.jsonl", settings={
         "FETCHER_WORKERS": 3, "FETCHER_PROGRESS": "log", "FETCHER_PROGRESS_INTERVAL": 0.1, "STATS_DUMP": True})
     assert run.returncode == 1, run.log[-3000:]
     assert "Downloading with 3 worker processes" in run.log
     urls = [r["url"] for r in run.manifest]
-    assert len(urls) == len(set(urls)) == 60 + 1 + 2 + 1, Counter(urls).most_common(3)
+    assert len(urls) == len(set(urls)) == 60 + 1 + 2 + 1 + 1, Counter(urls).most_common(3)
+    assert "s3cret-pw" not in run.log and "s3cret-pw" not in (run.store / "manifest.jsonl").read_text()
     _check_files(run, files)
     assert len({r["run"] for r in run.manifest}) == 1  # the workers write the run's records
     assert run.record(f"{u}/status/404")["http_status"] == 404
@@ -126,7 +129,7 @@ def test_workers_share_one_list_and_give_one_report(fetch: Fetch, origin: Origin
     assert "path conflict" in run.log or "another URL of this run" in run.log
     failed = (run.store / "failed.txt").read_text()
     assert failed.count(f"{u}/status/404") == 1 and "same-" in failed
-    assert run.log.count("fetcher summary:") == 1 and "64 URLs" in run.log and "3 failed" in run.log
+    assert run.log.count("fetcher summary:") == 1 and "65 URLs" in run.log and "4 failed" in run.log
     assert run.log.count("Retry them with") == 1
     items = [json.loads(line) for line in (fetch.cwd / "items.jsonl").read_text().splitlines()]
     assert sorted(i["url"] for i in items) == sorted(set(urls) - {"http://"})  # a bad line is no item
@@ -134,8 +137,8 @@ def test_workers_share_one_list_and_give_one_report(fetch: Fetch, origin: Origin
     responses = int(run.log.split("'downloader/response_count': ")[1].split(",")[0])
     assert responses >= 62  # the workers' own, added into the run's
     progress = [line for line in run.log.splitlines() if "Progress: " in line]
-    # The run's total (counted ahead from the list: 65 URL lines, then 64 once read), never a worker's share.
-    assert progress and all("/65 files" in line or "/64 files" in line for line in progress), progress
+    # The run's total (counted ahead from the list: 66 URL lines, then 65 once read), never a worker's share.
+    assert progress and all("/66 files" in line or "/65 files" in line for line in progress), progress
     # One log, each line whole: every line is a log line or the continuation of one.
     for line in run.log.splitlines():
         assert line[:4].isdigit() or line.startswith((" ", "{", "}", "'")), line

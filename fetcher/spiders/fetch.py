@@ -244,7 +244,6 @@ class FetchSpider(Spider):
                     stats=self.crawler.stats,
                     failed=lambda reason: signals_.send_catch_log(fetcher_signals.run_failed, reason=reason),
                     unwritten=lambda: signals_.send_catch_log(fetcher_signals.records_unwritten))
-        crew.start()
 
         async def finish() -> None:
             await crew.finish()

@@ -92,7 +92,7 @@ class Crew:
         self._drained = asyncio.Event()
         self._all_exited = asyncio.Event()
 
-    def start(self) -> None:
+    def _start(self) -> None:
         for index in range(self.n):
             self.workers.append(self._spawn(index))
         logger.info("Downloading with %d worker processes (FETCHER_WORKERS)", self.n)
@@ -115,7 +115,10 @@ class Crew:
     # -- entries out, records back
 
     def deal(self, entry: Entry) -> None:
-        """Have a worker fetch *entry*; its record comes back through ``answered``."""
+        """Have a worker fetch *entry*; its record comes back through ``answered``. The workers
+        start with the first entry (an empty list starts none)."""
+        if not self.workers and not self.stopping:
+            self._start()
         self.outstanding += 1
         self._drained.clear()
         self._deal(entry)
@@ -189,7 +192,14 @@ class Crew:
         self._report_progress()
 
     def _on_log(self, worker: _Worker, attributes: dict[str, Any]) -> None:
-        record = logging.makeLogRecord(attributes)
+        """A worker's log record, through this process's handlers (and its record factory:
+        the one redactor, again, fetcher.logs)."""
+        record = logging.getLogRecordFactory()(
+            attributes["name"], attributes["levelno"], attributes["pathname"], attributes["lineno"],
+            attributes["msg"], None, None, attributes["funcName"])
+        record.created = attributes["created"]
+        record.msecs = attributes["created"] % 1 * 1000
+        record.exc_text = attributes["exc_text"]
         logging.getLogger(record.name).handle(record)
 
     def _on_unwritten(self, worker: _Worker) -> None:
