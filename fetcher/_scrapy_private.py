@@ -50,7 +50,7 @@ def recheck_scraper_closing(crawler: Crawler) -> None:
     at any time (it fires only when the scraper is idle and closing)."""
     slot = crawler.engine.scraper.slot
     if slot is not None and slot.closing is not None and not slot.closing.called:
-        crawler.engine.scraper._check_if_closing()
+        crawler.engine.scraper._check_if_closing()  # noqa: SLF001
 
 
 def spider_closing(crawler: Crawler) -> bool:
@@ -62,7 +62,7 @@ def spider_closing(crawler: Crawler) -> bool:
 def closing_began(crawler: Crawler) -> bool:
     """Whether the spider's closing began (the engine may not have been running yet: a Ctrl-C
     just after the spider opened)."""
-    slot = crawler.engine._slot
+    slot = crawler.engine._slot  # noqa: SLF001 - Scrapy has no public "is closing" for the spider
     # The slot's closing is a Deferred once closing began (Scrapy types it Deferred | None).
     return isinstance(getattr(slot, "closing", None), Deferred)
 
@@ -74,7 +74,7 @@ def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
     builds on it and also caps a response's status line and headers at *max_header_size*
     bytes: past it the connection is aborted at once (nothing more is read or kept) and
     the request fails with HeadersTooLarge, found in the ResponseFailed's ``reasons``."""
-    pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)
+    pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)  # noqa: SLF001
 
 
 class _CappedHTTPClientParser(_LenientHTTPClientParser):

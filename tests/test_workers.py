@@ -272,6 +272,8 @@ def test_auto_starts_workers_for_a_long_list(fetch: Fetch, origin: Origin) -> No
     assert (f"Downloading with {cores()} worker processes" in run.log) == (cores() > 1)
     short = fetch(url + "\n")
     assert "worker processes" not in short.log
+    inline = fetch(None, "-a", f"urls={url}", settings={"FETCHER_WORKERS": 2})
+    assert inline.returncode == 0 and "-a urls= runs in one process" in inline.log, inline.log[-2000:]
 
 
 def test_two_runs_starting_at_once_into_a_new_store(fetch: Fetch, origin: Origin) -> None:

@@ -81,7 +81,7 @@ _MAX_INLINE = 64 * 1024
 class FetchSpider(Spider):
     name = "fetch"
 
-    def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, list: str | None = None, urls: str | None = None, **kwargs: Any) -> None:  # noqa: A002
         super().__init__(**kwargs)
         self.check_arguments(list, urls)
         self.list_source = list
@@ -99,7 +99,7 @@ class FetchSpider(Spider):
         self.retrier: Retrier  # the list download's, made at start (the crawler's stats exist from then on)
 
     @staticmethod
-    def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:
+    def check_arguments(list: str | None = None, urls: str | None = None, **_: Any) -> None:  # noqa: A002
         """Refuse a run that cannot start, before anything starts (ValueError)."""
         if bool(list) == bool(urls):
             raise ValueError('give the URLs with either -a list=PATH|-|URL|REDIS_URL or -a urls="URL URL ..."')
@@ -137,9 +137,7 @@ class FetchSpider(Spider):
         self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
         count = 0
         try:
-            entries = self._entries()
-            if self._queue is None and self.list_source:
-                entries = await self._with_workers(entries, pipeline)
+            entries = await self._with_workers(self._entries(), pipeline)
             async for entry in entries:
                 if (item := await self._item(entry)) is not None:
                     count += 1
@@ -210,10 +208,11 @@ class FetchSpider(Spider):
         """Start the run's worker processes when FETCHER_WORKERS asks for them; ``auto``
         first reads up to AUTO_MIN_ENTRIES entries, for at most AUTO_WAIT seconds."""
         config = Config.of(self.crawler)
-        if config.workers == 1:
+        kind = "queue" if self._queue is not None else "list" if self.list_source else "inline"
+        if config.workers == 1:  # a worker process's too
             return entries
         first: list[Entry | BadLine] = []
-        if config.workers is None:
+        if config.workers is None and kind == "list":
             loop = asyncio.get_running_loop()
             deadline = loop.time() + AUTO_WAIT
             async for entry in entries:
@@ -221,7 +220,7 @@ class FetchSpider(Spider):
                 if len(first) >= AUTO_MIN_ENTRIES or loop.time() > deadline:
                     break
         limits = Limits.of(self.crawler.settings, config.max_pending)
-        plan = choose(config.workers, limits, entries=len(first), kind="list", scrapyd=hasattr(self, "_job"))
+        plan = choose(config.workers, limits, entries=len(first), kind=kind, scrapyd=hasattr(self, "_job"))
         if plan.why:
             logger.warning("%s", plan.why)
         if plan.workers > 1:
@@ -235,8 +234,8 @@ class FetchSpider(Spider):
 
         def command(index: int, fd: int) -> list[str]:
             own = {**shares(limits, n, index), "FETCHER_WORKERS": "1", "FETCHER_PROGRESS": "off",
-                   "FETCHER_WORKER_CHANNEL": str(WorkerChannel(fd, os.getpid(), run_id)), "FETCHER_SHARED_LIMITS": shared,
-                   "LOG_ENABLED": "False", "STATS_DUMP": "False",
+                   "FETCHER_WORKER_CHANNEL": str(WorkerChannel(fd, os.getpid(), run_id)),
+                   "FETCHER_SHARED_LIMITS": shared, "LOG_ENABLED": "False", "STATS_DUMP": "False",
                    "FILES_STORE": str(self.crawler.settings.get("FILES_STORE"))}
             return worker_argv(self.name, self.crawler.settings, own)
 
@@ -329,7 +328,7 @@ class FetchSpider(Spider):
         request = Request(url, meta={SINK_META: writer, "dont_retry": True}, headers={"Accept-Encoding": "identity"})
         try:
             response = await self.crawler.engine.download_async(request)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is worth another try
             raise ListFetchFailed(str(exc) or type(exc).__name__, retryable=True) from exc
         if STREAMED_FLAG not in response.flags:
             raise ListFetchFailed(f"HTTP {response.status}", retryable=response.status in self.retrier.policy.http_codes)

@@ -1,11 +1,11 @@
 """Bandwidth caps as token buckets (FETCHER_MAX_RATE, FETCHER_MAX_RATE_PER_HOST).
 
 Pure: no Scrapy, no reactor, no clock of its own (the caller passes ``now``), so
-it is tested with a fake clock. The worker processes of one run share their
-buckets (:class:`SharedTokenBucket`), so a cap holds for the run as a whole. The download handler charges every body chunk it
+it is tested with a fake clock. The download handler charges every body chunk it
 has received to its buckets and, when one says to wait, pauses reading the socket
 for that long: bytes are never slept on nor held in memory, they wait in the
-kernel's socket buffer and then TCP's window.
+kernel's socket buffer and then TCP's window. The worker processes of one run
+share their buckets (:class:`SharedTokenBucket`), so a cap holds for the run.
 
 A bucket holds up to *burst* bytes of credit and refills at *rate* bytes a
 second. A chunk is charged after it arrived, so the balance may go negative (a
