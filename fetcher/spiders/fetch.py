@@ -212,12 +212,19 @@ class FetchSpider(Spider):
         if config.workers == 1:  # a worker process's too
             return entries
         first: list[Entry | BadLine] = []
+        waiting: asyncio.Future[Entry | BadLine] | None = None  # the next entry, when it was late
         if config.workers is None and kind == "list":
             loop = asyncio.get_running_loop()
             deadline = loop.time() + AUTO_WAIT
-            async for entry in entries:
-                first.append(entry)
-                if len(first) >= AUTO_MIN_ENTRIES or loop.time() > deadline:
+            while len(first) < AUTO_MIN_ENTRIES:
+                # Each entry awaited with the deadline, never cancelled: a late one is the next entry.
+                waiting = asyncio.ensure_future(anext(entries))
+                if not (await asyncio.wait({waiting}, timeout=max(0.0, deadline - loop.time())))[0]:
+                    break
+                next_entry, waiting = waiting, None
+                try:
+                    first.append(next_entry.result())
+                except StopAsyncIteration:
                     break
         limits = Limits.of(self.crawler.settings, config.max_pending)
         plan = choose(config.workers, limits, entries=len(first), kind=kind, scrapyd=hasattr(self, "_job"))
@@ -225,7 +232,7 @@ class FetchSpider(Spider):
             logger.warning("%s", plan.why)
         if plan.workers > 1:
             self._start_crew(plan.workers, limits, pipeline)
-        return _chained(first, entries)
+        return _chained(first, waiting, entries)
 
     def _start_crew(self, n: int, limits: Limits, pipeline: StreamingFilesPipeline) -> None:
         shared = tempfile.mkdtemp(prefix="fetcher-limits-")  # private (0700): the workers' shared caps
@@ -335,8 +342,15 @@ class FetchSpider(Spider):
         writer.commit()
 
 
-async def _chained(first: list[_T], rest: AsyncIterator[_T]) -> AsyncIterator[_T]:
+async def _chained(first: list[_T], waiting: asyncio.Future[_T] | None,
+                   rest: AsyncIterator[_T]) -> AsyncIterator[_T]:
+    """*first*, then the entry still *waiting* (if any), then the *rest*."""
     for item in first:
         yield item
+    if waiting is not None:
+        try:
+            yield await waiting
+        except StopAsyncIteration:
+            return
     async for item in rest:
         yield item
