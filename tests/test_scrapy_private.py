@@ -6,8 +6,10 @@ internal: fix _scrapy_private.py before widening the pinned range in pyproject.
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import version
 
+from scrapy.core import engine
 from scrapy.utils.test import get_crawler
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -124,3 +126,10 @@ def test_lenient_capped_parsing() -> None:
         assert transport.disconnected, "aborted (abortConnection), so nothing more is read"
     over = too_large(respond(5000, status, lines, lines)[0])
     assert str(over) == "response headers over 5,000 bytes (FETCHER_MAX_HEADER_SIZE)"
+
+
+def test_the_engine_says_when_closing_began() -> None:
+    """spider_closing and closing_began read the engine's _slot and its closing Deferred (set
+    once the spider's closing began, even before the engine ran: a Ctrl-C in the first second)."""
+    assert "self._slot" in inspect.getsource(engine.ExecutionEngine.__init__)
+    assert "self.closing = Deferred()" in inspect.getsource(engine._Slot)

@@ -559,7 +559,10 @@ print(rchar() - before, code)
 
 
 def read_volume(fetch: Fetch, list_name: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", MEASURE_READS, *fetch.command("-a", f"list={list_name}")],
+    """Bytes a run reads from disk, in one process (each worker process would read Python and
+    Scrapy again: that says nothing about the store)."""
+    command = fetch.command("-a", f"list={list_name}", settings={"FETCHER_WORKERS": 1})
+    proc = subprocess.run([sys.executable, "-c", MEASURE_READS, *command],
                           cwd=fetch.cwd, env=fetch.env(), capture_output=True, text=True, timeout=600, check=False)
     read, code = (int(x) for x in proc.stdout.split())
     assert code == 0, proc.stderr[-3000:]

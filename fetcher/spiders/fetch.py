@@ -89,6 +89,7 @@ class FetchSpider(Spider):
         self._seen: set[int] = set()
         self._pending = 0
         self.max_pending = 1  # from the config in from_crawler
+        self.in_worker = False  # a worker process of a run (fetcher.workers): its run reads the list
         self._room = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None  # kept so the task is not garbage-collected
         self._warnings = ListWarnings()
@@ -117,6 +118,7 @@ class FetchSpider(Spider):
         for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
             crawler.signals.connect(spider._item_done, signal=signal)
         spider.max_pending = Config.of(crawler).max_pending
+        spider.in_worker = Config.of(crawler).worker_channel is not None
         return spider
 
     async def start(self) -> AsyncIterator[Any]:
@@ -156,13 +158,14 @@ class FetchSpider(Spider):
             return  # the queue went away: what was taken finishes, and the exit status says so
         self.list_complete = True
         self.crawler.stats.set_value("fetcher/list_complete", True)  # fetcher/listed is now the total
-        if not count and Config.of(self.crawler).worker_channel is None:  # a worker may get none
+        if not count and not self.in_worker:  # a worker may get none
             logger.warning("The list has no URLs to download")
 
     async def _item(self, entry: Entry | BadLine) -> FetchItem | None:
         """The item for one list entry, once there is room for it; None for a bad line or a duplicate."""
         stats = self.crawler.stats
-        self._warnings.say(entry.warnings)
+        if not self.in_worker:  # a worker's entries were said by its run
+            self._warnings.say(entry.warnings)
         if isinstance(entry, BadLine):
             stats.inc_value("fetcher/listed")
             self._bad_line(entry)
@@ -297,7 +300,7 @@ class FetchSpider(Spider):
             async for e in self._queue.entries(lambda: self.max_pending - self._pending):
                 yield e
             return
-        if Config.of(self.crawler).worker_channel is not None:  # a worker process: its run deals the entries
+        if self.in_worker:  # its run deals the entries
             async for e in in_thread(functools.partial(channel.messages, sys.stdin.fileno())):
                 yield e
             return

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 _READ_CHUNK = 1 << 20
-#: A big body's bytes go to the worker in batches of this many: one batch written and one
-#: gathered per body (memory stays flat: the reader pauses its socket while one waits).
+#: A big body's bytes go to the worker as soon as it is free, and while it is busy are gathered
+#: into a batch of up to this many: one batch written and one gathered per body (memory stays
+#: flat: the reader pauses its socket while a full one waits).
 _HASH_BATCH = 1 << 20
 #: A caller that never asks for the ``backlog`` (so never pauses) is made to wait for the worker
 #: once this much is gathered: the bound holds whoever feeds the bytes.
@@ -52,7 +53,11 @@ class Hashes:
             return
         self._batch.append(data)
         self._batched += len(data)
-        if self._batched >= _GATHER_LIMIT:  # a caller that does not pause: wait, as bounded
+        running = self._running
+        if self._batched >= _GATHER_LIMIT or running is None or running.done():
+            # The worker is free (the bytes go to the disk now, not once a whole batch came: a
+            # kill -9 then costs no more than the worker's backlog), or a caller that does not
+            # pause gathered all it may: wait, as bounded.
             self._hand_over()
         elif self._batched >= _HASH_BATCH:
             self.backlog()

@@ -88,14 +88,18 @@ class Crew:
         self.stopping = False
         self.finishing = False
         self.outstanding = 0  # entries dealt and not yet answered
+        self._started = False
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._all_exited = asyncio.Event()
 
     def _start(self) -> None:
         for index in range(self.n):
-            self.workers.append(self._spawn(index))
-        logger.info("Downloading with %d worker processes (FETCHER_WORKERS)", self.n)
+            try:
+                self.workers.append(self._spawn(index))
+            except OSError as exc:
+                self.failed(f"cannot start worker process {index + 1}: {exc}")
+        logger.info("Downloading with %d worker processes (FETCHER_WORKERS)", len(self.workers))
 
     def _spawn(self, index: int) -> _Worker:
         read_end, write_end = os.pipe()
@@ -117,7 +121,8 @@ class Crew:
     def deal(self, entry: Entry) -> None:
         """Have a worker fetch *entry*; its record comes back through ``answered``. The workers
         start with the first entry (an empty list starts none)."""
-        if not self.workers and not self.stopping:
+        if not self._started and not self.stopping:
+            self._started = True
             self._start()
         self.outstanding += 1
         self._drained.clear()
@@ -156,6 +161,8 @@ class Crew:
         worker.unsent += data
 
     def _flush(self, worker: _Worker) -> None:
+        if worker.proc.stdin is None:  # closed: the worker ended
+            return
         try:
             while worker.unsent:
                 del worker.unsent[:os.write(worker.to_worker, worker.unsent)]
@@ -228,6 +235,7 @@ class Crew:
         self._loop.remove_reader(worker.from_worker)
         self._loop.remove_writer(worker.to_worker)
         os.close(worker.from_worker)
+        worker.unsent.clear()
         self._close_input(worker)
         worker.alive = False
         try:
