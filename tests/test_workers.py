@@ -3,6 +3,7 @@ test origin, asserting on records, files, the origin's counters, exit status and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -11,13 +12,19 @@ import pty
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from scrapy.statscollectors import StatsCollector
+from scrapy.utils.test import get_crawler
 
+from fetcher.items import FileRecord
 from fetcher.transfer.ratelimit import SharedTokenBucket, TokenBucket
+from fetcher.listing.urllist import Entry
+from fetcher.workers.crew import Crew
 from fetcher.workers.plan import AUTO_MIN_ENTRIES, Limits, choose, cores, share, shares
 from tests.conftest import Fetch, Run
 from tests.origin import Origin, expected_digest
@@ -288,3 +295,22 @@ def test_two_runs_starting_at_once_into_a_new_store(fetch: Fetch, origin: Origin
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "File exists" not in err, err[-2000:]
     assert sorted(p.name for p in store.rglob("race*.bin")) == ["race0.bin", "race1.bin"]
+
+
+def test_a_worker_that_cannot_start_is_an_error_of_the_run() -> None:
+    """A worker process that exits before it is ready: the run is told it cannot end well, and
+    the entries it had come back failed ("worker lost") rather than never."""
+    failures: list[str] = []
+    answers: list[FileRecord] = []
+
+    async def run() -> None:
+        crew = Crew(1, lambda index, fd: [sys.executable, "-c", "raise SystemExit(3)"], env=dict(os.environ),
+                    key=hash, answered=answers.append, stats=StatsCollector(get_crawler()),
+                    failed=failures.append, unwritten=lambda: None)
+        crew.deal(Entry("http://127.0.0.1:9/never.bin", 1))
+        await asyncio.wait_for(crew.drained(), 30)
+        await crew.finish()
+
+    asyncio.run(run())
+    assert failures == ["worker process 1 could not start (exit status 3)"]
+    assert [(a.status, a.reason) for a in answers] == [("failed", "worker lost")]
