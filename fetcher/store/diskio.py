@@ -18,10 +18,14 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 _READ_CHUNK = 1 << 20
-#: A big body's bytes go to the worker as soon as it is free, and while it is busy are gathered
-#: into a batch of up to this many: one batch written and one gathered per body (memory stays
-#: flat: the reader pauses its socket while a full one waits).
+#: A big body's bytes go to the worker in batches of up to this many, gathered while it is busy:
+#: one batch written and one gathered per body (memory stays flat: the reader pauses its socket
+#: while a full one waits)...
 _HASH_BATCH = 1 << 20
+#: ...but a free worker gets what was gathered once it is this much: bytes reach the disk soon
+#: (a kill -9 loses less than this besides the batch being written), in writes that are not too
+#: small (on 200 x 4 MiB: 2.6 s with 256 KiB, 2.9 s handing over every 64 KiB read).
+_EAGER = 256 * 1024
 #: A caller that never asks for the ``backlog`` (so never pauses) is made to wait for the worker
 #: once this much is gathered: the bound holds whoever feeds the bytes.
 _GATHER_LIMIT = 4 * _HASH_BATCH
@@ -54,10 +58,10 @@ class Hashes:
         self._batch.append(data)
         self._batched += len(data)
         running = self._running
-        if self._batched >= _GATHER_LIMIT or running is None or running.done():
-            # The worker is free (the bytes go to the disk now, not once a whole batch came: a
-            # kill -9 then costs no more than the worker's backlog), or a caller that does not
-            # pause gathered all it may: wait, as bounded.
+        free = running is None or running.done()
+        if self._batched >= _GATHER_LIMIT or (free and self._batched >= _EAGER):
+            # The worker is free (the bytes go to the disk now, not once a whole batch came), or
+            # a caller that does not pause gathered all it may: wait, as bounded.
             self._hand_over()
         elif self._batched >= _HASH_BATCH:
             self.backlog()
