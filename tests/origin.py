@@ -1081,6 +1081,10 @@ class Origin:
             if action == "stall":
                 await writer.drain()
                 await asyncio.sleep(stall_for)
+                if _client_gone(writer):  # it gave up on the stall: nothing more goes out (or is counted)
+                    finish()
+                    writer.close()
+                    return False
             elif action == "hold":
                 await writer.drain()
                 await self._hold(params["hold"], writer)

@@ -74,7 +74,8 @@ def test_three_workers_one_killed_nothing_lost(fetch: Fetch, origin: Origin, red
     assert enq.returncode == 0, enq.stderr
     assert "Enqueued 500 URLs" in enq.stderr
     store = fetch.cwd / "shared"
-    workers = [worker(fetch, queue_url, store, CONCURRENT_REQUESTS="8") for _ in range(3)]
+    # 8 transfers at once, 16 entries in progress (FETCHER_MAX_PENDING's floor: 2 x 8) per worker.
+    workers = [worker(fetch, queue_url, store, CONCURRENT_REQUESTS="8", FETCHER_MAX_PENDING="16") for _ in range(3)]
     try:
         deadline = time.monotonic() + 60
         while origin.stats.hits < 150 and time.monotonic() < deadline:
@@ -96,10 +97,12 @@ def test_three_workers_one_killed_nothing_lost(fetch: Fetch, origin: Origin, red
         name, size = path.rsplit("/", 1)[1], parse_size(path.split("/")[2])
         assert record["checksum"] == expected_digest(name, size)
         assert (store / host / f"{path.lstrip('/')}{query}").stat().st_size == size
-    # No complete body twice, except transfers the killed worker had in flight (at most its 8).
+    # No complete body twice, except the entries the killed worker had in progress (at most its 16):
+    # in flight, or complete but not yet recorded (a transfer's slot is free once its bytes are in,
+    # before the file is renamed and recorded, so under load there can be more than its 8 transfers).
     full = Counter(r["path"] for r in origin.stats.snapshot().requests
                    if r["status"] == 200 and r["method"] == "GET")
-    assert sum(n - 1 for n in full.values() if n > 1) <= 8, full.most_common(10)
+    assert sum(n - 1 for n in full.values() if n > 1) <= 16, full.most_common(10)
     state = queue_state(fetch, queue_url)
     assert state["waiting"] == 0 and state["in flight"] == 0, state
     print(f"records per worker run: {sorted(Counter(r['run'] for r in records).values())}; "
