@@ -10,5 +10,6 @@ file_finished = object()
 records_unwritten = object()
 
 #: Sent when the run cannot end well for a reason outside its records, with ``reason``
-#: (a worker process that could not start, or none left to finish the list).
+#: (a worker process that could not start, or none left to finish the list), once the
+#: sender has logged it.
 run_failed = object()

@@ -55,7 +55,6 @@ class _Outcome:
         self.unwritten = True
 
     def run_failed(self, reason: str) -> None:
-        logger.error("%s", reason)
         self.unwritten = True
 
     def closed(self, reason: str) -> None:

@@ -251,7 +251,7 @@ class FetchSpider(Spider):
 
         crew = Crew(n, command, env=worker_env(), key=pipeline.worker_key, answered=self._answered,
                     stats=self.crawler.stats,
-                    failed=lambda reason: signals_.send_catch_log(fetcher_signals.run_failed, reason=reason),
+                    failed=self._run_failed,
                     unwritten=lambda: signals_.send_catch_log(fetcher_signals.records_unwritten))
 
         async def finish() -> None:
@@ -260,6 +260,11 @@ class FetchSpider(Spider):
 
         self._crew = crew
         pipeline.run_records.writers.append(finish)
+
+    def _run_failed(self, reason: str) -> None:
+        """Something outside the records makes the run fail (a worker process could not start)."""
+        logger.error("%s", reason)
+        self.crawler.signals.send_catch_log(fetcher_signals.run_failed, reason=reason)
 
     def _answered(self, record: FileRecord) -> None:
         """An entry's record, from a worker process (in the store already, and through the item
