@@ -233,10 +233,9 @@ class Crew:
 
     def _exited(self, worker: _Worker) -> None:
         self._loop.remove_reader(worker.from_worker)
-        self._loop.remove_writer(worker.to_worker)
         os.close(worker.from_worker)
         worker.unsent.clear()
-        self._close_input(worker)
+        self._close_input(worker)  # and its writer (once closed, its number may be another file's)
         worker.alive = False
         try:
             code = worker.proc.wait(_EXIT_WAIT)
