@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "FETCHER_QUEUE_MAX_DELIVERIES": 5,  # an entry delivered this often without an ack is dead-lettered
     # -- Worker processes (fetcher.workers): one list, one store, one report
     "FETCHER_WORKERS": "auto",  # processes downloading a list: N, or "auto" (one per core for a long list; README)
-    "FETCHER_WORKER_CHANNEL": "",  # set by a run for its workers ("FD:PID"): not a setting to set by hand
+    "FETCHER_WORKER_CHANNEL": "",  # set by a run for its workers ("FD:PID:RUN"): not a setting to set by hand
     "FETCHER_SHARED_LIMITS": "",  # set by a run for its workers: the folder of the bandwidth caps they share
 }
 

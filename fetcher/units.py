@@ -3,8 +3,10 @@
 
 def human_bytes(n: float) -> str:
     """``"512 B"``, ``"3.0 GiB"``: binary units, one decimal past bytes."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - unreachable, keeps type checkers calm
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"

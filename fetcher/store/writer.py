@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     from fetcher.contract import HeadersLike
 
-_READ_CHUNK = 1 << 20
 #: Bodies of at least this size (or of unknown size) get their resume validators on disk as
 #: they begin; smaller ones only if they are interrupted (no write per small file).
 _META_EAGER = 1 << 20

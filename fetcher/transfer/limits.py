@@ -82,7 +82,6 @@ class TransferLimits:
             return (host,) if self._rate_total is None else (self._rate_total, host)
         return None if self._rate_total is None else (self._rate_total,)
 
-
     def _bucket(self, name: str, rate: float) -> TokenBucket:
         """A cap's bucket: this process's own, or in a worker the one every worker of the run shares."""
         if self._shared is None:
