@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
+from urllib.parse import urldefrag
 
 from fetcher.listing.urllist import Entry
 from fetcher.redact import host_of, safe_url
@@ -17,6 +18,12 @@ def run_key(text: str) -> int:
     """An 8-byte hash of a URL or a path: what run-wide sets keep instead of the
     text, so that checking millions of entries stays small."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def url_key(url: str) -> int:
+    """:func:`run_key` of a URL as a run tells URLs apart: ``x.bin#frag`` is ``x.bin``
+    (fragments never reach a server)."""
+    return run_key(urldefrag(url)[0])
 
 
 @dataclass

@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urldefrag, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from itemadapter import ItemAdapter
 from scrapy import signals as scrapy_signals
@@ -37,7 +37,7 @@ from fetcher._scrapy_private import closing_began, spider_closing
 from fetcher.config import Config
 from fetcher.contract import ENTRY_META
 from fetcher.exceptions import StartupError
-from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
+from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key, url_key
 from fetcher.listing.urllist import Entry
 from fetcher.redact import safe_url
 from fetcher.store.freshness import Freshness
@@ -333,17 +333,17 @@ class StreamingFilesPipeline(FilesPipeline):
         """Which worker process gets *entry*: the key of its path's claim, so that URLs saved
         to one name meet in one worker (its URL's when its name depends on more than the entry:
         a subclass's file_path, or stock's hash of the whole URL, unique to it)."""
-        path: str | None = entry.out
-        if path is None and self.config.layout == "url" and not _overrides(type(self), "file_path"):
+        if _overrides(type(self), "file_path"):
+            return url_key(entry.url)
+        path = entry.out
+        if path is None and self.config.layout == "url":
             with contextlib.suppress(ValueError):
                 path = url_to_path(entry.url, keep_query=self.config.name_query)
-        if path is not None and (entry.out is None or not _overrides(type(self), "file_path")):
-            return run_key(owner_name(path))
-        return run_key(urldefrag(entry.url)[0])
+        return url_key(entry.url) if path is None else run_key(owner_name(path))
 
     def _claim(self, path: str, url: str) -> bool:
         """Take *path* (and its partial files' names) for *url* in this run; False when another URL has it."""
-        owner = run_key(urldefrag(url)[0])
+        owner = url_key(url)
         return self._claims.setdefault(run_key(owner_name(path)), owner) == owner
 
     def _settle(self, path: str) -> tuple[str, Path | None]:

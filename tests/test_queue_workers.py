@@ -225,9 +225,9 @@ def test_a_queue_worker_keeps_no_memory_per_url() -> None:
 
     async def feed(n: int) -> None:
         for i in range(n):
-            item = await spider._item(Entry(f"http://127.0.0.1:9/{i}.bin", i))  # noqa: SLF001
-            assert isinstance(item, FetchItem)
-            spider._item_done(item)  # noqa: SLF001
+            entry = await spider._admit(Entry(f"http://127.0.0.1:9/{i}.bin", i))  # noqa: SLF001
+            assert isinstance(entry, Entry)  # admitted: start() yields its item
+            spider._item_done(FetchItem(file_urls=[entry.url], fetcher_entries=[entry]))  # noqa: SLF001
 
     loop = asyncio.new_event_loop()  # not asyncio.run: it would leave this thread without a loop
     try:

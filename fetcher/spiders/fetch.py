@@ -28,7 +28,6 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urldefrag
 
 from scrapy import Request, Spider, signals
 from scrapy.exceptions import CloseSpider
@@ -37,7 +36,7 @@ from fetcher import signals as fetcher_signals
 from fetcher._scrapy_private import recheck_scraper_closing, spider_closing
 from fetcher.config import Config, WorkerChannel
 from fetcher.contract import SINK_META, STREAMED_FLAG
-from fetcher.items import BAD_LINE, FetchItem, FileRecord, run_key
+from fetcher.items import BAD_LINE, FetchItem, FileRecord, url_key
 from fetcher.listing.sources import (
     ListFetchFailed,
     ListUnavailable,
@@ -140,13 +139,13 @@ class FetchSpider(Spider):
         count = 0
         try:
             entries = await self._with_workers(self._entries(), pipeline)
-            async for entry in entries:
-                if (item := await self._item(entry)) is not None:
+            async for listed in entries:
+                if (entry := await self._admit(listed)) is not None:
                     count += 1
                     if self._crew is None:
-                        yield item
+                        yield FetchItem(file_urls=[entry.url], fetcher_entries=[entry])
                     else:  # a worker process fetches it; its record comes back as the item (_answered)
-                        self._crew.deal(item.fetcher_entries[0])
+                        self._crew.deal(entry)
             if self._crew is not None:
                 await self._crew.drained()  # the engine is not idle while the workers have entries
         except ListUnavailable as exc:
@@ -161,8 +160,8 @@ class FetchSpider(Spider):
         if not count and not self.in_worker:  # a worker may get none
             logger.warning("The list has no URLs to download")
 
-    async def _item(self, entry: Entry | BadLine) -> FetchItem | None:
-        """The item for one list entry, once there is room for it; None for a bad line or a duplicate."""
+    async def _admit(self, entry: Entry | BadLine) -> Entry | None:
+        """The entry, once there is room for it; None for a bad line or a duplicate."""
         stats = self.crawler.stats
         if not self.in_worker:  # a worker's entries were said by its run
             self._warnings.say(entry.warnings)
@@ -170,8 +169,8 @@ class FetchSpider(Spider):
             stats.inc_value("fetcher/listed")
             self._bad_line(entry)
             return None
-        if self._queue is None:  # a queue's entries are unique already: no set growing for ever
-            key = run_key(urldefrag(entry.url)[0])  # x.bin#frag is x.bin: fragments never reach a server
+        if self._queue is None and not self.in_worker:  # a queue's or a run's entries are unique already
+            key = url_key(entry.url)
             if key in self._seen:
                 logger.warning("%s: duplicate of an earlier URL, skipped: %s", entry.where, safe_url(entry.url))
                 stats.inc_value("fetcher/duplicates")
@@ -182,7 +181,7 @@ class FetchSpider(Spider):
             await self._room.wait()
         self._pending += 1
         stats.inc_value("fetcher/listed")
-        return FetchItem(file_urls=[entry.url], fetcher_entries=[entry])
+        return entry
 
     async def closed(self, reason: str) -> None:
         """Acknowledgements still on their way to Redis finish before the process ends."""
