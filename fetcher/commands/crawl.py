@@ -45,7 +45,8 @@ class _Outcome:
     def __init__(self) -> None:
         self.failed = 0
         self.startup_error = False
-        self.unwritten = False  # or another failure outside the records (run_failed)
+        self.unwritten = False
+        self.run_failure = False  # a failure outside the records (a worker process that could not start)
         self.reason: str | None = None
 
     def record(self, record: FileRecord) -> None:
@@ -55,7 +56,7 @@ class _Outcome:
         self.unwritten = True
 
     def run_failed(self, reason: str) -> None:
-        self.unwritten = True
+        self.run_failure = True
 
     def closed(self, reason: str) -> None:
         self.reason = reason
@@ -102,5 +103,5 @@ class Command(ScrapyCrawlCommand):
             return
         complete = getattr(crawler.spider, "list_complete", None)
         finished = complete if complete is not None else outcome.reason == "finished"
-        if not finished or outcome.failed or outcome.unwritten:
+        if not finished or outcome.failed or outcome.unwritten or outcome.run_failure:
             self.exitcode = 1

@@ -140,34 +140,36 @@ class RunRecords:
             self.records.flush()
 
     async def close(self) -> None:
-        """Leave the records true for the next run: the manifest with one line per
-        URL, failed.txt with the store's failures, a remote store's manifest uploaded."""
+        """Leave the records true for the next run (a worker process leaves that to its run),
+        once the run's worker processes have written theirs."""
         for writer in self.writers:
             await writer()
         records, self.records = self.records, None
         if records is None:
             return
-        if self.config.worker_channel is not None:  # a worker process: its run closes the store's records
-            records.close()
-            self.locks.close()
-            return
         try:
-            await asyncio.to_thread(records.compact)
-            rerun = self.rerun_hint()
-            count = await asyncio.to_thread(
-                records.write_failed_list,
-                f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n# {rerun}\n")
-            if count:
-                logger.info("%d URLs of this store are failed (%s); %s", count, self.failed_path, rerun)
-            self._check_written(records)
-            if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
-                try:
-                    await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
-                except Exception as exc:  # noqa: BLE001 - the local manifest is still complete
-                    logger.error("Cannot upload the manifest to %s: %s", self.target.describe(), exc)
+            if self.config.worker_channel is None:
+                await self._close_out(records)
         finally:
             records.close()
             self.locks.close()
+
+    async def _close_out(self, records: RecordStore) -> None:
+        """The manifest with one line per URL, failed.txt with the store's failures, a remote
+        store's manifest uploaded."""
+        await asyncio.to_thread(records.compact)
+        rerun = self.rerun_hint()
+        count = await asyncio.to_thread(
+            records.write_failed_list,
+            f"# fetcher: the URLs of {self.target.describe()} whose last attempt failed.\n# {rerun}\n")
+        if count:
+            logger.info("%d URLs of this store are failed (%s); %s", count, self.failed_path, rerun)
+        self._check_written(records)
+        if isinstance(self.target, RemoteTarget) and self.manifest_path.exists():
+            try:
+                await asyncio.to_thread(self.target.upload_report, self.manifest_path, "manifest.jsonl")
+            except Exception as exc:  # noqa: BLE001 - the local manifest is still complete
+                logger.error("Cannot upload the manifest to %s: %s", self.target.describe(), exc)
 
     def rerun_hint(self) -> str:
         """How to try the store's failures again, in the words of how this run was started."""
