@@ -39,6 +39,13 @@ _COMPONENTS = (
     ("EXTENSIONS", "fetcher.extensions.WorkerReport", 120),  # in a worker process only
     ("EXTENSIONS", "scrapy.extensions.logstats.LogStats", None),  # fetcher's progress lines say it
 )
+#: Scrapy's control servers, by the setting that turns each off. Turned off, one is left out of
+#: EXTENSIONS_BASE rather than loaded to raise NotConfigured: loading the remote control imports
+#: aiohttp, 80 ms of every start (a worker process's too), and any key naming it is loaded.
+_CONTROL_SERVERS = (
+    ("REMOTE_CONTROL_ENABLED", "scrapy.extensions.remote_control.RemoteControl"),
+    ("TELNETCONSOLE_ENABLED", "scrapy.extensions.telnet.TelnetConsole"),
+)
 _HANDLER = "fetcher.handlers.StreamingDownloadHandler"
 _COMMANDS = "fetcher.commands"
 
@@ -62,6 +69,7 @@ class Addon:
         self._place_pipeline(settings, StreamingFilesPipeline)
         for name, path, order in _COMPONENTS:
             settings.setdefault_in_component_priority_dict(name, load_object(path), order)
+        self._leave_out_control_servers(settings)
         handlers = settings.getdict("DOWNLOAD_HANDLERS")
         handlers.update({"http": _HANDLER, "https": _HANDLER})
         settings.set("DOWNLOAD_HANDLERS", handlers, settings.getpriority("DOWNLOAD_HANDLERS") or 0)
@@ -69,6 +77,15 @@ class Addon:
             logger.warning(
                 "fetcher: `scrapy crawl` exits 0 even when files failed unless the project sets "
                 "COMMANDS_MODULE = %r (an add-on cannot choose the command)", _COMMANDS)
+
+    @staticmethod
+    def _leave_out_control_servers(settings: BaseSettings) -> None:
+        base = settings.getdict("EXTENSIONS_BASE")
+        off = [path for enabled, path in _CONTROL_SERVERS if not settings.getbool(enabled) and path in base]
+        if off:
+            for path in off:
+                del base[path]
+            settings.set("EXTENSIONS_BASE", base, settings.getpriority("EXTENSIONS_BASE") or 0)
 
     @staticmethod
     def _place_pipeline(settings: BaseSettings, ours: type) -> None:

@@ -13,6 +13,7 @@ from scrapy import Request, Spider
 from scrapy.pipelines.files import FilesPipeline as StockFilesPipeline
 from scrapy.pipelines.images import ImagesPipeline
 from scrapy.settings import Settings
+from scrapy.utils.conf import build_component_list
 from scrapy.utils.test import get_crawler
 
 from fetcher import Addon, FilesPipeline
@@ -89,6 +90,17 @@ def test_addon_warns_about_a_stock_subclass_and_a_missing_command(caplog: pytest
     assert classes(settings, "ITEM_PIPELINES") == {StockSubclass: 300}  # never two pipelines downloading
     assert "from fetcher import FilesPipeline" in caplog.text
     assert "COMMANDS_MODULE" in caplog.text
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_control_servers_turned_off_are_not_even_loaded(enabled: bool) -> None:
+    """Loaded only to raise NotConfigured, the remote control would import aiohttp: 80 ms of
+    every start. Turned on, both are Scrapy's as before."""
+    settings = apply_addon({"REMOTE_CONTROL_ENABLED": enabled, "TELNETCONSOLE_ENABLED": enabled})
+    extensions = build_component_list(settings.getwithbase("EXTENSIONS"))
+    control = {"scrapy.extensions.remote_control.RemoteControl", "scrapy.extensions.telnet.TelnetConsole"}
+    assert (control <= set(extensions)) is enabled
+    assert "scrapy.extensions.corestats.CoreStats" in extensions  # the others stay
 
 
 # -- the pipeline, built from a crawler
