@@ -366,10 +366,6 @@ def _bind_address(value: str | tuple[str, int] | list[Any] | None) -> tuple[str,
     return str(host), int(port)
 
 
-
-
-
-
 def _is_verification_failure(exc: BaseException) -> bool:
     """A certificate that does not verify, as opposed to a handshake cut short (worth a retry)."""
     text = str(exc).lower()

@@ -288,3 +288,25 @@ def test_a_disk_error_on_the_worker_thread_fails_the_body(tmp_path: Path, monkey
         w.finish()
     assert not caught.value.retryable
     w.close()  # no second error, the .part kept or dropped by the caller
+
+
+def test_short_writes_on_the_worker_thread_lose_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write may take fewer bytes than it was given (a signal, a nearly full disk): the rest follows."""
+    import os
+
+    real = os.pwrite
+
+    def short(fd: int, data: bytes, at: int) -> int:
+        return real(fd, bytes(data)[:40_000], at)  # never more than 40,000 bytes at a time
+
+    data = (BODY * 3)[:3_000_000]
+    w = HashingWriter(tmp_path / "big.bin", "http://h/big.bin", ("sha256",))
+    w.prepare()
+    assert w.begin(200, headers(Content_Length=str(len(data)), ETag='"v1"'))
+    monkeypatch.setattr(os, "pwrite", short)
+    fill(w, data, chunk=65_000)
+    w.finish()
+    digests = w.hexdigests()
+    w.commit()
+    assert (tmp_path / "big.bin").read_bytes() == data
+    assert digests["sha256"] == hashlib.sha256(data).hexdigest()

@@ -61,7 +61,6 @@ class Ended:
     stopped: StopDownload | None = None  # by a bytes_received handler
 
 
-
 class Discard(Protocol):
     """Closes a response body nobody wants, so its connection is not left open."""
 

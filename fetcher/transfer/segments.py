@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from fetcher.contract import HeadersLike
 
 
-
 class RangesRefused(BodyError):
     """The server answered a range request with the whole file: it cannot be split."""
 
