@@ -101,3 +101,8 @@ class FileRecord:
     def host(self) -> str:
         """host[:port], never the user:password a URL may carry."""
         return host_of(self.entry.url)
+
+    def files_entry(self, url: str | None = None) -> dict[str, Any]:
+        """Stock FilesPipeline's entry in an item's ``files`` for this file (its request's
+        *url*, when a subclass's request had another)."""
+        return {"url": url or self.url, "path": self.path or "", "checksum": self.checksum, "status": self.status}

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from itemadapter import ItemAdapter
@@ -229,8 +229,7 @@ class StreamingFilesPipeline(FilesPipeline):
                 line = record.line  # made once, when it was recorded
                 item.set_record(line if line is not None else self.run_records.stored(record).manifest())
             if record.status != "failed":
-                result: FileInfo = {"url": request.url, "path": record.path or "", "checksum": record.checksum,
-                                    "status": record.status}
+                result = cast("FileInfo", record.files_entry(request.url))
                 if record.response is not None:
                     result = await ensure_awaitable(
                         self.file_stored(result, record.response, request, info, item=item))

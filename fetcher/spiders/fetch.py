@@ -275,8 +275,7 @@ class FetchSpider(Spider):
         signals_.send_catch_log(fetcher_signals.file_finished, record=record)
         item = FetchItem(file_urls=[record.url])
         if record.status != "failed":
-            item.files = [{"url": record.url, "path": record.path or "", "checksum": record.checksum,
-                           "status": record.status}]
+            item.files = [record.files_entry()]
         if record.line is not None:
             item.set_record(record.line)
         signals_.send_catch_log(signals.item_scraped, item=item, response=None, spider=self)
