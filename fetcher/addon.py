@@ -20,6 +20,7 @@ from scrapy.pipelines.images import ImagesPipeline
 from scrapy.utils.misc import load_object
 
 from fetcher.config import DEFAULTS
+from fetcher.exceptions import StartupError
 from fetcher.logs import redact_log_records
 from fetcher.pipelines import StreamingFilesPipeline
 
@@ -64,6 +65,12 @@ class Addon:
 
     def update_settings(self, settings: BaseSettings) -> None:
         redact_log_records()  # before Scrapy logs the settings: no credential in any log line
+        if not settings.getbool("TWISTED_REACTOR_ENABLED", True):
+            # Scrapy's experimental asyncio-only mode puts its own handler (aiohttp, bodies in
+            # memory) in place of fetcher's, after the add-ons, at a priority they cannot outrank.
+            # What a handler for that mode lacks: issue #18's trial, in bench/README.md.
+            raise StartupError("fetcher needs Twisted's reactor to stream bodies to disk: "
+                               "TWISTED_REACTOR_ENABLED=False is not supported")
         for name, value in DEFAULTS.items():
             settings.set(name, value, priority="addon")
         self._place_pipeline(settings, StreamingFilesPipeline)

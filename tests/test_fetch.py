@@ -139,6 +139,17 @@ def test_missing_list_file_stops_before_anything(fetch: Fetch) -> None:
     assert not (run.store / "manifest.jsonl").exists()
 
 
+def test_asyncio_only_mode_stops_before_anything(fetch: Fetch, origin: Origin) -> None:
+    """Without Twisted's reactor Scrapy would put its own in-memory handler in place of fetcher's:
+    the run refuses to start instead of holding bodies in memory."""
+    run = fetch(f"{origin.url}/gen/1000/a.bin\n", settings={"TWISTED_REACTOR_ENABLED": False})
+    assert run.returncode == 1, run.log[-4000:]
+    assert "ERROR: Cannot start: " in run.log and "TWISTED_REACTOR_ENABLED=False" in run.log, run.log[-4000:]
+    assert "Traceback" not in run.log
+    assert origin.stats.hits == 0
+    assert not list((fetch.cwd / "downloads").rglob("a.bin"))
+
+
 def test_the_list_is_read_lazily(fetch: Fetch, origin: Origin) -> None:
     """Downloads start while the list is still being written: it is never read whole first."""
     u = origin.url
