@@ -87,6 +87,7 @@ class Addon:
 
     @staticmethod
     def _leave_out_control_servers(settings: BaseSettings) -> None:
+        """Scrapy's control servers that are turned off are never loaded (see _CONTROL_SERVERS)."""
         base = settings.getdict("EXTENSIONS_BASE")
         off = [path for enabled, path in _CONTROL_SERVERS if not settings.getbool(enabled) and path in base]
         if off:
