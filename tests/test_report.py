@@ -187,3 +187,13 @@ def test_retried_downloads_stay_quiet_until_they_fail(fetch: Fetch, origin: Orig
     assert run.record(url)["attempts"] == 3
     assert run.record(url)["checksum"] == expected_digest("flaky.bin", 4096)
     assert "Retrying" not in run.log and "ERROR" not in run.log
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_per_file_debug_lines_show_at_debug_only(fetch: Fetch, origin: Origin, level: str) -> None:
+    """Below LOG_LEVEL Scrapy's per-file DEBUG lines are not even made; LOG_LEVEL=DEBUG keeps them."""
+    url = f"{origin.url}/gen/4k/one.bin"
+    run = fetch(f"{url}\n", settings={"LOG_LEVEL": level})
+    assert run.returncode == 0, run.log
+    shown = "Crawled (200)" in run.log and "Scraped from" in run.log
+    assert shown is (level == "DEBUG"), run.log[-3000:]
