@@ -105,8 +105,6 @@ origin.stop()
 """
 
 
-
-
 @dataclass
 class Workload:
     key: str
@@ -252,6 +250,16 @@ def write_big(path: Path, size: int) -> str:
             digest.update(chunk)
             pos += n
     return digest.hexdigest()
+
+
+def warm(folder: Path, size: int) -> None:
+    """Write and delete *size* bytes in *folder*: this VM backs memory on first touch, and the
+    first tool to write there would pay for it (C in round 1: 11.5 s instead of 5 s)."""
+    path = folder / ".warm"
+    zeros = bytes(MIB)
+    with open(path, "wb") as f:
+        f.writelines(zeros for _ in range(0, size, MIB))
+    path.unlink()
 
 
 def write_files(w: Workload, www: Path, base: str, setup: Setup) -> None:
@@ -567,6 +575,7 @@ def main() -> None:
         started = time.perf_counter()
         for w in workloads:
             write_files(w, www, origin_url if w.server == "origin" else base, setup)
+        warm(dl, max(w.total for w in workloads))
         print(f"files written in {time.perf_counter() - started:.1f} s ({www_mb} MiB tmpfs for them, "
               f"{dl_mb} MiB for downloads)", flush=True)
         servers = process_tree(nginx.pid) + ([origin.pid] if origin else [])
