@@ -631,6 +631,15 @@ class Origin:
         with self._counters_lock:
             self._counters.clear()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (up to *timeout* s) until no request is in flight: a request is counted in
+        ``stats.requests`` when it ends, and one whose client was killed ends only once the
+        origin sees the connection gone. False if one is still in flight."""
+        deadline = time.monotonic() + timeout
+        while self.stats.inflight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.stats.inflight
+
     def idle_seconds(self) -> float:
         """Seconds since the last request started or ended (0 while one is in flight)."""
         if self.stats.inflight:
