@@ -48,7 +48,7 @@ import urllib.parse
 import weakref
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 __all__ = [
     "BLOCK_SIZE",
@@ -631,14 +631,21 @@ class Origin:
         with self._counters_lock:
             self._counters.clear()
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait (up to *timeout* s) until no request is in flight: a request is counted in
-        ``stats.requests`` when it ends, and one whose client was killed ends only once the
-        origin sees the connection gone. False if one is still in flight."""
+    def wait_ended(self, paths: Iterable[str], timeout: float) -> bool:
+        """Wait (up to *timeout* s) until every request begun for *paths* has ended: a request
+        is counted in ``stats.requests`` when it ends, and one whose client was killed ends only
+        once the origin sees the connection gone. False if one is still going. (Not ``inflight``:
+        this origin may still serve another test's client.)"""
+        paths = set(paths)
         deadline = time.monotonic() + timeout
-        while self.stats.inflight and time.monotonic() < deadline:
+        while True:
+            stats = self.stats.snapshot()
+            ended = collections.Counter(r["path"] for r in stats.requests if r["path"] in paths)
+            if all(ended[p] >= stats.hits_by_path[p] for p in paths):
+                return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.02)
-        return not self.stats.inflight
 
     def idle_seconds(self) -> float:
         """Seconds since the last request started or ended (0 while one is in flight)."""

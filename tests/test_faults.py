@@ -520,7 +520,7 @@ def test_one_ctrl_c_cuts_large_transfers_and_the_rerun_resumes_them(fetch: Fetch
     kept = [p.stat().st_size for p in parts]
     assert all(k > 500_000 for k in kept), kept  # the .part files stay for the rerun
     # The cut requests are counted when the origin sees their connections gone: not in the rerun's.
-    assert origin.wait_idle(10), "the stopped run's connections are still open"
+    assert origin.wait_ended([f"/gen/12m/{n}" for n in names], 10), "the stopped run's requests are still going"
     origin.reset_stats()
     rerun = fetch(None, "-a", "list=urls.txt", settings={"FETCHER_STALL_TIMEOUT": 30})
     assert rerun.returncode == 0, rerun.log
