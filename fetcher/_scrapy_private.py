@@ -91,18 +91,49 @@ def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
     pool._factory = partial(_CappedHTTP11ClientFactory, max_header_size=max_header_size)  # noqa: SLF001
 
 
+def _end_of_head(data: bytes) -> int:
+    """Where the status line and headers at the start of *data* end (just past the blank line
+    that ends them), or -1 when that blank line has not come yet. Lines end in "\n", as the
+    parser splits them (a "\r" before it is dropped)."""
+    status_end = data.find(b"\n")
+    if status_end == -1:
+        return -1
+    ends = [i + len(blank) for blank in (b"\n\r\n", b"\n\n") if (i := data.find(blank, status_end)) != -1]
+    return min(ends, default=-1)
+
+
 class _CappedHTTPClientParser(_LenientHTTPClientParser):
     """Scrapy's lenient parser, counting the bytes of the lines it is given (status line and
     headers; the body comes in raw mode). Raising out of dataReceived is how Twisted's own
-    parse errors leave: HTTP11ClientProtocol.dataReceived hands the failure to _giveUp."""
+    parse errors leave: HTTP11ClientProtocol.dataReceived hands the failure to _giveUp.
+
+    It also keeps the body's first bytes out of Twisted's LineReceiver while the header lines
+    are parsed: LineReceiver splits its whole buffer at every line, copying all that follows
+    the line, so a 1 MiB read holding ten header lines and the body's start copied 10 MiB.
+    What follows the head waits in ``_after_head`` and becomes LineReceiver's buffer again when
+    its blank line is parsed, so whatever that line starts (the body, a 100 Continue's
+    response, the end of a body-less response) finds LineReceiver exactly as Twisted left it."""
 
     max_header_size: int
     header_bytes: int
+    _after_head: bytes = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self._after_head:  # not expected (the head's blank line takes it back): keep the order
+            self._buffer, self._after_head = self._buffer + self._after_head, b""
+        if self.line_mode and not self._busyReceiving:
+            whole = self._buffer + data
+            end = _end_of_head(whole)
+            if 0 < end < len(whole):
+                self._buffer, data, self._after_head = b"", whole[:end], whole[end:]
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         self.header_bytes += len(line) + 1  # and the "\n" LineReceiver split it at
         if self.header_bytes > self.max_header_size:
             raise HeadersTooLarge.over(self.max_header_size)
+        if self._after_head and not self._buffer:  # the head's blank line: what followed it is back
+            self._buffer, self._after_head = self._after_head, b""
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -11,6 +11,7 @@ from importlib.metadata import version
 
 from scrapy.core import engine
 from scrapy.utils.test import get_crawler
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -133,3 +134,81 @@ def test_the_engine_says_when_closing_began() -> None:
     once the spider's closing began, even before the engine ran: a Ctrl-C in the first second)."""
     assert "self._slot" in inspect.getsource(engine.ExecutionEngine.__init__)
     assert "self.closing = Deferred()" in inspect.getsource(engine._Slot)
+
+
+def _parse(parser_class: type | None, chunks: list[bytes], method: bytes = b"GET") -> tuple[object, ...]:
+    """What a request on a memory transport ends with after *chunks* arrive: status, headers,
+    body, how it ended and whether the connection closes; *parser_class* replaces the capped
+    parser (None: fetcher's own)."""
+    pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
+    _scrapy_private.lenient_parsing(pool, max_header_size=1 << 20)
+    protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # noqa: SLF001 - as the pool does
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    got: list[object] = []
+    protocol.request(Request(method, b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)).addBoth(got.append)
+    if parser_class is not None:
+        protocol._parser.__class__ = parser_class  # noqa: SLF001
+    body: list[bytes] = []
+    ended: list[str] = []
+
+    class Collect(Protocol):
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            body.append(data)
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+            ended.append(type(reason.value).__name__)
+
+    delivered = False
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+        if got and not delivered and not isinstance(got[0], Failure):
+            got[0].deliverBody(Collect())  # type: ignore[attr-defined]
+            delivered = True
+    if not got:
+        return ("pending",)
+    response = got[0]
+    if isinstance(response, Failure):
+        return ("failed", type(response.value).__name__)
+    headers = sorted((k, tuple(v)) for k, v in response.headers.getAllRawHeaders())  # type: ignore[attr-defined]
+    return (response.code, headers, b"".join(body), ended, transport.disconnecting)  # type: ignore[attr-defined]
+
+
+def test_header_lines_are_parsed_without_copying_the_body() -> None:
+    """The capped parser hands Twisted's LineReceiver the status line and headers apart from
+    what follows them (_after_head): however the bytes are cut into reads, every response ends
+    as under Scrapy's lenient parser (headers, body, how the body ended, whether the connection
+    is kept), and no header line is parsed with the body's bytes in LineReceiver's buffer."""
+    body = bytes(range(256)) * 64  # 16 KiB
+    responses = {
+        "length": b"HTTP/1.1 200 OK\r\nX-A: 1\r\nNo colon here\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        "newlines only": b"HTTP/1.1 200 OK\nX-A: 1\nContent-Length: %d\n\n%s" % (len(body), body),
+        "chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (100, body[:100], len(body) - 100, body[100:])),
+        "100 continue first": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body)),
+        "until close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body,
+        "no body, then stray bytes": b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\nstray",
+        "no headers": b"HTTP/1.1 200 OK\r\n\r\n" + body,
+    }
+    lenient = _scrapy_private._LenientHTTPClientParser  # noqa: SLF001
+    for name, raw in responses.items():
+        cuts = sorted({*range(0, 120), *range(len(raw) - 40, len(raw) + 1), len(raw) // 2})
+        for cut in cuts:
+            for chunks in ([raw[:cut], raw[cut:]], [raw[:cut], raw[cut:cut + 7], raw[cut + 7:]]):
+                ours, stock = _parse(None, chunks), _parse(lenient, chunks)
+                assert ours == stock, (name, cut)
+        assert ours[0] in (200, 204), (name, ours)
+
+    seen: list[int] = []
+
+    class Watched(_scrapy_private._CappedHTTPClientParser):  # noqa: SLF001
+        def lineReceived(self, line: bytes) -> None:  # noqa: N802
+            seen.append(len(self._buffer))  # what LineReceiver holds, and copies at every line
+            super().lineReceived(line)
+
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(10))
+    big = bytes(1 << 20)
+    code, _, got, _, kept_open = _parse(Watched, [head + b"Content-Length: %d\r\n\r\n" % len(big) + big])
+    assert (code, got, kept_open) == (200, big, False)
+    assert len(seen) == 13 and max(seen) < 1024, seen
