@@ -98,8 +98,12 @@ def _end_of_head(data: bytes) -> int:
     status_end = data.find(b"\n")
     if status_end == -1:
         return -1
-    ends = [i + len(blank) for blank in (b"\n\r\n", b"\n\n") if (i := data.find(blank, status_end)) != -1]
-    return min(ends, default=-1)
+    crlf = data.find(b"\n\r\n", status_end)
+    # A bare "\n\n" counts only before the first "\r\n" blank line: not searched for in the body.
+    lf = data.find(b"\n\n", status_end, len(data) if crlf == -1 else crlf + 2)
+    if lf != -1:
+        return lf + 2
+    return -1 if crlf == -1 else crlf + 3
 
 
 class _CappedHTTPClientParser(_LenientHTTPClientParser):
