@@ -92,15 +92,16 @@ def lenient_parsing(pool: HTTPConnectionPool, *, max_header_size: int) -> None:
 
 
 def _end_of_head(data: bytes) -> int:
-    """Where the status line and headers at the start of *data* end (just past the blank line
-    that ends them), or -1 when that blank line has not come yet. Lines end in "\n", as the
-    parser splits them (a "\r" before it is dropped)."""
-    status_end = data.find(b"\n")
-    if status_end == -1:
-        return -1
-    crlf = data.find(b"\n\r\n", status_end)
+    """Where the status line and headers in *data* end (just past the blank line that ends them),
+    or -1 when that blank line has not come yet. *data* starts at the start of a line (what
+    LineReceiver keeps is never part of a line it parsed); lines end in "\n", as the parser
+    splits them, and a "\r" before it is dropped."""
+    for blank in (b"\n", b"\r\n"):
+        if data.startswith(blank):
+            return len(blank)
+    crlf = data.find(b"\n\r\n")
     # A bare "\n\n" counts only before the first "\r\n" blank line: not searched for in the body.
-    lf = data.find(b"\n\n", status_end, len(data) if crlf == -1 else crlf + 2)
+    lf = data.find(b"\n\n", 0, len(data) if crlf == -1 else crlf + 2)
     if lf != -1:
         return lf + 2
     return -1 if crlf == -1 else crlf + 3

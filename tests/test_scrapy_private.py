@@ -176,10 +176,11 @@ def _parse(parser_class: type | None, chunks: list[bytes], method: bytes = b"GET
 
 def test_header_lines_are_parsed_without_copying_the_body() -> None:
     """The capped parser hands Twisted's LineReceiver the status line and headers apart from
-    what follows them (_after_head): however the bytes are cut into reads, every response ends
-    as under Scrapy's lenient parser (headers, body, how the body ended, whether the connection
-    is kept), and no header line is parsed with the body's bytes in LineReceiver's buffer."""
-    body = bytes(range(256)) * 64  # 16 KiB
+    what follows them (_after_head): however the bytes are cut into reads (one ending just before
+    the blank line, say, with blank lines in the body), every response ends as under Scrapy's
+    lenient parser (headers, body, how the body ended, whether the connection is kept), and no
+    header line is parsed with the body's bytes in LineReceiver's buffer."""
+    body = (bytes(range(256)) + b"\n\n\r\n\r\n\n\r\n") * 60  # blank lines in the body: not the head's end
     responses = {
         "length": b"HTTP/1.1 200 OK\r\nX-A: 1\r\nNo colon here\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
         "newlines only": b"HTTP/1.1 200 OK\nX-A: 1\nContent-Length: %d\n\n%s" % (len(body), body),
