@@ -57,10 +57,14 @@ class Pending(Protocol):
 
 
 class Paced(Sink, Protocol):
-    """A sink that can fall behind (a disk worker). ``ready`` is optional for a Sink: the
-    handler asks it after each ``write`` and pauses reading while it returns a Pending, so TCP
-    slows the sender instead of the bytes piling up in memory."""
+    """A sink that can fall behind (a disk worker). ``ready`` and ``settle`` are optional for a
+    Sink: the handler asks ``ready`` after each ``write`` and pauses reading while it returns a
+    Pending, so TCP slows the sender instead of the bytes piling up in memory."""
 
     def ready(self) -> Pending | None:
         """What must finish before more bytes are welcome; None: read on. Raise to stop the
         transfer (a write that failed on the worker)."""
+
+    def settle(self) -> Pending | None:
+        """Once the body ended, before ``finish``: what must finish first (the handler waits
+        for it without holding the reactor, then asks again), or None. Raise as ``finish``."""

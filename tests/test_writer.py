@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,61 @@ def test_short_writes_on_the_worker_thread_lose_no_byte(tmp_path: Path, monkeypa
     w.commit()
     assert (tmp_path / "big.bin").read_bytes() == data
     assert digests["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_bodies_whose_disk_falls_behind_hold_little_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many big bodies at once, their disk worker stuck: fed as the handler feeds them (a read,
+    then ``ready``; none while it is pending), all of them together keep at most the workers'
+    budget in memory, plus about a read each, not a batch or two each. Then the disk catches
+    up and every file is whole."""
+    import os
+    import threading
+
+    from fetcher.store import diskio
+
+    real, stuck, written = os.pwrite, threading.Event(), [0]
+
+    def slow(fd: int, data: bytes, at: int) -> int:
+        stuck.wait(10)
+        n = real(fd, data, at)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(diskio.os, "pwrite", slow)
+    data, chunk = (BODY * 5)[: 4 << 20], 256 * 1024
+    writers = []
+    for i in range(12):
+        w = HashingWriter(tmp_path / f"{i}.bin", f"http://h/{i}.bin", ("sha256",))
+        w.prepare()
+        assert w.begin(200, headers(Content_Length=str(len(data)), ETag='"v1"'))
+        writers.append(w)
+    given = [0] * len(writers)
+    waiting: list[object] = [None] * len(writers)
+    held = 0
+    while True:
+        fed = False
+        for i, w in enumerate(writers):
+            pending = waiting[i]
+            if given[i] == len(data) or (pending is not None and not pending.done()):  # type: ignore[attr-defined]
+                continue
+            w.write(data[given[i] : given[i] + chunk])
+            given[i] += chunk
+            waiting[i] = w.ready()
+            held = max(held, sum(given) - written[0])
+            fed = True
+        if not fed:
+            if stuck.is_set():
+                time.sleep(0.01)
+                if all(g == len(data) for g in given):
+                    break
+                continue
+            # Every reader waits for the stuck disk: what is in memory now is the most it holds.
+            assert held <= diskio._HELD_LIMIT + len(writers) * chunk, held
+            assert held >= diskio._HELD_LIMIT  # the budget, not less, was used
+            stuck.set()
+    for i, w in enumerate(writers):
+        w.finish()
+        digests = w.hexdigests()
+        w.commit()
+        assert digests["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (tmp_path / f"{i}.bin").read_bytes() == data

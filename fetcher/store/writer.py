@@ -327,6 +327,18 @@ class HashingWriter:
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
 
+    def settle(self) -> Future[None] | None:
+        """What the disk worker must still write and hash of the body before ``finish``
+        (``fetcher.contract.Paced``): the handler waits for it without holding the reactor, then
+        asks again; None once all is in. A worker's write error is raised here, as ``finish``
+        raises it."""
+        if not self._hashes.threaded:
+            return None
+        try:
+            return self._hashes.settle()
+        except OSError as exc:
+            raise StorageError(self.part, exc) from exc
+
     def _hand_over(self, data: bytes) -> None:
         """A big body's bytes go to the worker, which writes them at their offset and hashes them."""
         assert self._file is not None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from scrapy.exceptions import StopDownload
     from scrapy.statscollectors import StatsCollector
     from twisted.internet.base import DelayedCall
-    from twisted.internet.defer import Deferred
     from twisted.python.failure import Failure
 
     from fetcher.contract import Pending, Sink
@@ -178,8 +178,7 @@ class BodyReader(Protocol):
         self._hold()
         if pending is not self._backlog:
             self._backlog = pending
-            # The worker's thread runs the callback: the reader is only touched on the reactor's.
-            pending.add_done_callback(lambda _: self._reactor.callFromThread(self._caught_up, pending))
+            when_done(pending, self._reactor).addCallback(lambda _: self._caught_up(pending))
         return True
 
     def _caught_up(self, pending: Pending) -> None:
@@ -262,6 +261,14 @@ class BodyReader(Protocol):
             f"no data for {self._rules.stall_timeout:g} s after {self._received} body bytes "
             "(FETCHER_STALL_TIMEOUT)"
         ))
+
+
+def when_done(pending: Pending, reactor: Any) -> Deferred[None]:
+    """Fires on the reactor's thread once *pending* is done (a worker's thread runs its
+    callbacks): what the body's reader and handler wait for a sink with."""
+    done: Deferred[None] = Deferred()
+    pending.add_done_callback(lambda _: reactor.callFromThread(done.callback, None))
+    return done
 
 
 def warn_size(request: Request, size: int, warnsize: int, *, expected: bool) -> None:
