@@ -123,7 +123,7 @@ class _CappedHTTPClientParser(_LenientHTTPClientParser):
     header_bytes: int
     _after_head: bytes = b""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def dataReceived(self, data: bytes) -> None:
         if self._after_head:  # not expected (the head's blank line takes it back): keep the order
             self._buffer, self._after_head = self._buffer + self._after_head, b""
         if self.line_mode and not self._busyReceiving:

@@ -142,21 +142,21 @@ def _parse(parser_class: type | None, chunks: list[bytes], method: bytes = b"GET
     parser (None: fetcher's own)."""
     pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
     _scrapy_private.lenient_parsing(pool, max_header_size=1 << 20)
-    protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # noqa: SLF001 - as the pool does
+    protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # as the pool does
     transport = StringTransport()
     protocol.makeConnection(transport)
     got: list[object] = []
     protocol.request(Request(method, b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)).addBoth(got.append)
     if parser_class is not None:
-        protocol._parser.__class__ = parser_class  # noqa: SLF001
+        protocol._parser.__class__ = parser_class
     body: list[bytes] = []
     ended: list[str] = []
 
     class Collect(Protocol):
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        def dataReceived(self, data: bytes) -> None:
             body.append(data)
 
-        def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
             ended.append(type(reason.value).__name__)
 
     delivered = False
@@ -192,9 +192,9 @@ def test_header_lines_are_parsed_without_copying_the_body() -> None:
         "no body, then stray bytes": b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\nstray",
         "no headers": b"HTTP/1.1 200 OK\r\n\r\n" + body,
     }
-    lenient = _scrapy_private._LenientHTTPClientParser  # noqa: SLF001
+    lenient = _scrapy_private._LenientHTTPClientParser
     for name, raw in responses.items():
-        cuts = sorted({*range(0, 120), *range(len(raw) - 40, len(raw) + 1), len(raw) // 2})
+        cuts = sorted({*range(120), *range(len(raw) - 40, len(raw) + 1), len(raw) // 2})
         for cut in cuts:
             for chunks in ([raw[:cut], raw[cut:]], [raw[:cut], raw[cut:cut + 7], raw[cut + 7:]]):
                 ours, stock = _parse(None, chunks), _parse(lenient, chunks)
@@ -203,8 +203,8 @@ def test_header_lines_are_parsed_without_copying_the_body() -> None:
 
     seen: list[int] = []
 
-    class Watched(_scrapy_private._CappedHTTPClientParser):  # noqa: SLF001
-        def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    class Watched(_scrapy_private._CappedHTTPClientParser):
+        def lineReceived(self, line: bytes) -> None:
             seen.append(len(self._buffer))  # what LineReceiver holds, and copies at every line
             super().lineReceived(line)
 

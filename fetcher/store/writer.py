@@ -25,6 +25,7 @@ from fetcher.store.naming import META_SUFFIX, PART_SUFFIX
 from fetcher.units import human_bytes
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from concurrent.futures import Future
 
     from fetcher.contract import HeadersLike
@@ -320,22 +321,22 @@ class HashingWriter:
         """What the reader waits for before reading on (``fetcher.contract.Paced``): the disk
         worker's batch when it fell behind, so TCP slows the sender instead of memory filling up;
         None to read on. A worker's write error is raised here, as ``write`` raises it."""
-        if not self._hashes.threaded:
-            return None
-        try:
-            return self._hashes.backlog()
-        except OSError as exc:
-            raise StorageError(self.part, exc) from exc
+        return self._worker_step(self._hashes.backlog)
 
     def settle(self) -> Future[None] | None:
         """What the disk worker must still write and hash of the body before ``finish``
         (``fetcher.contract.Paced``): the handler waits for it without holding the reactor, then
         asks again; None once all is in. A worker's write error is raised here, as ``finish``
         raises it."""
+        return self._worker_step(self._hashes.settle)
+
+    def _worker_step(self, step: Callable[[], Future[None] | None]) -> Future[None] | None:
+        """*step* of the disk worker's hand-over (None for a body hashed inline), a worker's
+        OSError raised as the StorageError of this body."""
         if not self._hashes.threaded:
             return None
         try:
-            return self._hashes.settle()
+            return step()
         except OSError as exc:
             raise StorageError(self.part, exc) from exc
 
