@@ -138,7 +138,6 @@ class RecordStore:
         private_file(index)  # SQLite gives its -wal and -shm the index's mode
         self._db = sqlite3.connect(index, timeout=_BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash of the process loses nothing committed
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         self._lock_fd = open_fd(state_dir / "manifest.lock", os.O_RDWR | os.O_CREAT, PRIVATE)
@@ -157,6 +156,9 @@ class RecordStore:
         store = cls(state_dir, manifest, failed_list)
         try:
             with store._locked(fcntl.LOCK_EX):
+                # Under the lock: two processes turning a new index to WAL at once could get
+                # "database is locked" at once (SQLite does not wait for that change).
+                store._db.execute("PRAGMA journal_mode=WAL")
                 store._create_schema(store_dir)
         except BaseException:
             store.close()
