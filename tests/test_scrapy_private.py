@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from importlib.metadata import version
+from typing import Any
 
 from scrapy.core import engine
 from scrapy.utils.test import get_crawler
@@ -91,14 +92,7 @@ def test_lenient_capped_parsing() -> None:
 
     def respond(cap: int, *chunks: bytes) -> tuple[object, StringTransport]:
         """What the request's Deferred gave after *chunks* came in, and the transport."""
-        pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
-        _scrapy_private.lenient_parsing(pool, max_header_size=cap)
-        protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # noqa: SLF001 - as the pool does
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        got: list[object] = []
-        request = Request(b"GET", b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)
-        protocol.request(request).addBoth(got.append)
+        protocol, transport, got = _requested(cap)
         for chunk in chunks:
             protocol.dataReceived(chunk)
         assert len(got) == 1, got
@@ -136,17 +130,25 @@ def test_the_engine_says_when_closing_began() -> None:
     assert "self.closing = Deferred()" in inspect.getsource(engine._Slot)
 
 
-def _parse(parser_class: type | None, chunks: list[bytes], method: bytes = b"GET") -> tuple[object, ...]:
-    """What a request on a memory transport ends with after *chunks* arrive: status, headers,
-    body, how it ended and whether the connection closes; *parser_class* replaces the capped
-    parser (None: fetcher's own)."""
+def _requested(cap: int) -> tuple[Any, StringTransport, list[object]]:
+    """A capped protocol on a memory transport, as the pool builds it, with a GET sent: the
+    protocol, its transport, and what the request's Deferred gives (once it fires)."""
     pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
-    _scrapy_private.lenient_parsing(pool, max_header_size=1 << 20)
+    _scrapy_private.lenient_parsing(pool, max_header_size=cap)
     protocol = pool._factory(lambda *_: None, "test").buildProtocol(None)  # as the pool does
     transport = StringTransport()
     protocol.makeConnection(transport)
     got: list[object] = []
-    protocol.request(Request(method, b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)).addBoth(got.append)
+    request = Request(b"GET", b"/", Headers({b"Host": [b"origin"]}), None, persistent=True)
+    protocol.request(request).addBoth(got.append)
+    return protocol, transport, got
+
+
+def _parse(parser_class: type | None, chunks: list[bytes]) -> tuple[object, ...]:
+    """What a request on a memory transport ends with after *chunks* arrive: status, headers,
+    body, how it ended and whether the connection closes; *parser_class* replaces the capped
+    parser (None: fetcher's own)."""
+    protocol, transport, got = _requested(1 << 20)
     if parser_class is not None:
         protocol._parser.__class__ = parser_class
     body: list[bytes] = []
