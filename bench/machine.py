@@ -4,6 +4,7 @@ session of its own."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import signal
 import socket
@@ -39,6 +40,15 @@ http {{
     }}
 }}
 """
+
+
+def compile_sources() -> None:
+    """Byte-compile fetcher and the bench's spiders before any run, as ``pip install`` does.
+    Under PYTHONDONTWRITEBYTECODE (set in some shells and CI images) every run compiled
+    fetcher's sources again, about 50 ms a process that an installed fetcher, like stock
+    Scrapy from site-packages, never pays."""
+    for folder in ("fetcher", "bench"):
+        compileall.compile_dir(ROOT / folder, quiet=1)
 
 
 def free_port() -> int:

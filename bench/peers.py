@@ -72,6 +72,7 @@ from bench.machine import (
     SCRAPY,
     TICKS,
     background_load,
+    compile_sources,
     cpu_seconds,
     isolate,
     machine_ticks,
@@ -542,6 +543,7 @@ def main() -> None:
         raise SystemExit("run as root: the bench mounts tmpfs (and may apt-get install nginx and the peers)")
     if args.nice:
         isolate(args.nice)
+    compile_sources()
     begun = time.perf_counter()
     binaries = find_binaries(tools)
     pyplot()  # installed now rather than after the runs

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.machine import ROOT, SCRAPY
+from bench.machine import ROOT, SCRAPY, compile_sources
 from tests.origin import Origin
 
 STOCK_SPIDER = """
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--variants", default="off,bar,log,stock")
     args = parser.parse_args()
 
+    compile_sources()
     origin = Origin().start()
     origin.record_requests = False
     work = Path(tempfile.mkdtemp(prefix="fetcher-bench-"))

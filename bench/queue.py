@@ -56,6 +56,7 @@ from bench.machine import (
     ROOT,
     SCRAPY,
     background_load,
+    compile_sources,
     cpu_seconds,
     isolate,
     machine_ticks,
@@ -212,6 +213,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     signal.signal(signal.SIGTERM, interrupted)  # clean up (unmount, stop servers) on a plain kill too
 
+    compile_sources()
     background = background_load()
     if background > 0.1:
         print(f"warning: the machine is {background:.0%} busy before the bench starts (other processes): "
