@@ -313,6 +313,39 @@ def test_short_writes_on_the_worker_thread_lose_no_byte(tmp_path: Path, monkeypa
     assert digests["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+def test_the_disk_worker_takes_the_next_batch_without_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its batch is written, the worker takes the batch gathered meanwhile itself: the
+    reader is told it may read on, and the bytes reach the disk with no further call from the
+    reactor thread (that round trip between batches left the worker idle a third of the time on
+    one 1 GiB body)."""
+    import os
+    import threading
+
+    from fetcher.store import diskio
+
+    real, busy = os.pwrite, threading.Event()
+
+    def slow(fd: int, data: bytes, at: int) -> int:
+        busy.wait(10)
+        return real(fd, data, at)
+
+    monkeypatch.setattr(diskio.os, "pwrite", slow)
+    w = _begin_big(tmp_path / "big.bin", "none")
+    data = (BODY * 2)[: (1 << 20) + (256 << 10)]
+    fill(w, data[: 256 << 10])  # handed over at once: the worker is busy with it
+    fill(w, data[256 << 10 :])  # gathered meanwhile: a full batch
+    pending = w.ready()
+    assert pending is not None and not pending.done()  # the reader waits
+    busy.set()
+    pending.result(timeout=10)  # the worker took the full batch...
+    deadline = time.monotonic() + 10
+    while w.part.stat().st_size < len(data) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.part.read_bytes() == data  # ...and wrote it, with nothing asked of it since
+    assert w.ready() is None
+    w.close()
+
+
 def test_bodies_whose_disk_falls_behind_hold_little_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many big bodies at once, their disk worker stuck: fed as the handler feeds them (a read,
     then ``ready``; none while it is pending), all of them together keep at most the workers'
