@@ -346,6 +346,60 @@ def test_the_disk_worker_takes_the_next_batch_without_the_reader(tmp_path: Path,
     w.close()
 
 
+def test_bodies_fed_as_the_handler_feeds_them_arrive_whole_under_a_jittery_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight big bodies at once, reads of every size, a disk whose writes take 0-2 ms: each body
+    fed as the handler feeds it (a read, then ``ready``; none while that is pending; at the end
+    ``settle`` until None, then ``finish``), while the workers take batches on their own. Every
+    file and digest is the body's, byte for byte, in order."""
+    import os
+    import random
+    import threading
+
+    from fetcher.store import diskio
+
+    real, jitter, lock = os.pwrite, random.Random(7), threading.Lock()
+
+    def jittery(fd: int, data: bytes, at: int) -> int:
+        with lock:
+            pause = jitter.random() * 0.002
+        time.sleep(pause)
+        return real(fd, data, at)
+
+    monkeypatch.setattr(diskio.os, "pwrite", jittery)
+    rng = random.Random(11)
+    bodies = [bytes(rng.getrandbits(8) for _ in range(997)) * rng.randint(1100, 6000) for _ in range(8)]
+    writers, given, waiting = [], [0] * len(bodies), [None] * len(bodies)
+    for i, data in enumerate(bodies):
+        w = HashingWriter(tmp_path / f"{i}.bin", f"http://h/{i}.bin", ("sha256",))
+        w.prepare()
+        assert w.begin(200, headers(Content_Length=str(len(data)), ETag='"v1"'))
+        writers.append(w)
+    deadline = time.monotonic() + 60
+    while not all(g == len(d) for g, d in zip(given, bodies, strict=True)):
+        assert time.monotonic() < deadline, given
+        progressed = False
+        for i, (w, data) in enumerate(zip(writers, bodies, strict=True)):
+            pending = waiting[i]
+            if given[i] == len(data) or (pending is not None and not pending.done()):  # type: ignore[attr-defined]
+                continue
+            size = rng.choice((1024, 65536, 200_000, 1 << 20, 1_500_000))
+            w.write(data[given[i] : given[i] + size])
+            given[i] = min(len(data), given[i] + size)
+            waiting[i] = w.ready()
+            progressed = True
+        if not progressed:
+            time.sleep(0.001)
+    for i, (w, data) in enumerate(zip(writers, bodies, strict=True)):
+        while (pending := w.settle()) is not None:
+            pending.result(timeout=30)
+        w.finish()
+        digests = w.hexdigests()
+        w.commit()
+        assert digests["sha256"] == hashlib.sha256(data).hexdigest(), i
+        assert (tmp_path / f"{i}.bin").read_bytes() == data, i
+
+
 def test_bodies_whose_disk_falls_behind_hold_little_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many big bodies at once, their disk worker stuck: fed as the handler feeds them (a read,
     then ``ready``; none while it is pending), all of them together keep at most the workers'
