@@ -80,8 +80,7 @@ class Hashes:
             self._hand_over()  # the worker is free: the bytes go to the disk now, not once a whole batch came
         elif batched >= _GATHER_LIMIT:
             self._wait_taken()  # a caller that does not pause gathered all it may: wait, as bounded
-        elif batched >= _HASH_BATCH:
-            self.backlog()
+        # Otherwise a worker runs this body and takes what is gathered once its batch is written.
 
     def backlog(self) -> Future[None] | None:
         """What the reader should wait for before reading on, or None: the worker taking this
