@@ -352,10 +352,10 @@ class StreamingFilesPipeline(FilesPipeline):
         if isinstance(self.target, RemoteTarget):
             return path, None
         try:
-            final = self.target.local_path(path)
+            final, folder = self.target.locate(path)
         except ValueError:  # an unsafe path: _fetch says so
             return path, None
-        if final.is_dir():
+        if folder:
             return f"{path}/{INDEX_NAME}", None  # its own name is checked by _fetch (it may be a link)
         return path, final
 
@@ -363,7 +363,7 @@ class StreamingFilesPipeline(FilesPipeline):
         """The other half of the rule: a finished file where a folder is needed moves
         to ``<name>/index.html`` (and its record with it) before this file is written."""
         assert isinstance(self.target, LocalTarget)
-        if final.parent.is_dir():  # the common case: every folder is there, one stat says so
+        if self.target.has_folder(final.parent):  # the common case: every folder is there
             return
         segments = path.split("/")[:-1]
         for depth in range(1, len(segments) + 1):

@@ -78,6 +78,17 @@ class LocalTarget:
         """Where the body of *path* is written (ValueError for a path leaving the store)."""
         return resolve_in_store(self._root, path, resolved=True, known_dirs=self._dirs)
 
+    def locate(self, path: str) -> tuple[Path, bool]:
+        """local_path, and whether a folder stands there now: local_path looked at each part of
+        the path that it did not know as a folder already, so only a known one is looked at again."""
+        final = self.local_path(path)
+        return final, str(final) in self._dirs and final.is_dir()
+
+    def has_folder(self, folder: Path) -> bool:
+        """Whether *folder* (a parent of a local_path) is a folder: known without a stat once
+        local_path found it one (most files' folder is)."""
+        return str(folder) in self._dirs or folder.is_dir()
+
     def prune(self, folder: Path) -> None:
         """Remove *folder* (from local_path) and its parents while they are empty, never the store itself."""
         while folder != self._root and self._root in folder.parents:
@@ -85,6 +96,7 @@ class LocalTarget:
                 folder.rmdir()
             except OSError:
                 return
+            self._dirs.discard(str(folder))  # checked again if it comes back (it may come back a link)
             folder = folder.parent
 
     def describe(self) -> str:

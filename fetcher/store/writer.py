@@ -187,6 +187,7 @@ class HashingWriter:
         self._meta_written = False
         self.transferred = 0  # body bytes received over all attempts
         self._allocate_at: int | None = None  # the length to preallocate on the first write
+        self._padded = False  # this body's .part was (or may have been) given its whole length
         self._tracks_offset = False  # the .part may be longer than its bytes: its offset is in .part.meta
         self._checkpoint_at = 0.0  # monotonic time of the next offset saved while allocated
 
@@ -260,14 +261,14 @@ class HashingWriter:
             raise FileTooLarge(f"file is {total} bytes, over FETCHER_MAX_SIZE ({self.max_size})")
         self.validators = validators
         try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open_file(self.part, "r+b" if self.resumed_from else "wb")
+            self._file = self._open_part()
             if self.resumed_from:
                 self._file.seek(self.resumed_from)
                 self._file.truncate()
             self.size = self._hashed = self.resumed_from
             # Preallocated on the first write, once the handler's own size cap passed too.
             self._allocate_at = total if self._allocates(total) else None
+            self._padded = False
             self._hashes.threaded = total is not None and total - self.resumed_from >= _THREAD_MIN
             self._hashes.fd = None  # the worker gets this body's file on its first write
             self._tracks_offset = self.resume and self._allocate_at is not None
@@ -278,6 +279,16 @@ class HashingWriter:
             raise StorageError(self.part, exc) from exc
         return True
 
+    def _open_part(self) -> BinaryIO:
+        """The .part, opened for this body; its folder is made only when missing (the first
+        file of a folder: a mkdir and a stat a file saved for every other one)."""
+        how = "r+b" if self.resumed_from else "wb"
+        try:
+            return open_file(self.part, how)
+        except FileNotFoundError:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            return open_file(self.part, how)
+
     def _allocates(self, total: int | None) -> bool:
         """Whether this body's .part is preallocated (FETCHER_FILE_ALLOCATION), never past FETCHER_MAX_SIZE."""
         return (self.allocation != "none" and total is not None and total - self.resumed_from >= _ALLOCATE_MIN
@@ -287,6 +298,7 @@ class HashingWriter:
         """Give the .part its whole length before the first byte; a disk too small fails now."""
         assert self._file is not None and self._allocate_at is not None
         total, self._allocate_at = self._allocate_at, None
+        self._padded = True  # even if allocating fails part way: commit cuts the .part to its bytes
         try:
             allocate(self._file.fileno(), self.size, total, self.allocation)
         except OSError as exc:
@@ -426,7 +438,11 @@ class HashingWriter:
                     with open_file(self.part, "rb") as f:
                         os.fsync(f.fileno())
             else:
-                self._trim()
+                if self._padded:
+                    self._trim()
+                else:  # as long as its bytes already: no truncate
+                    self._hashes.drain()
+                    self._file.flush()
                 if self.fsync:
                     os.fsync(self._file.fileno())
                 self._file.close()
