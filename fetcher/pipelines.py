@@ -363,7 +363,8 @@ class StreamingFilesPipeline(FilesPipeline):
         """The other half of the rule: a finished file where a folder is needed moves
         to ``<name>/index.html`` (and its record with it) before this file is written."""
         assert isinstance(self.target, LocalTarget)
-        if self.target.has_folder(final.parent):  # the common case: every folder is there
+        if final.parent.is_dir():  # the common case: every folder is there, one stat says so
+            # (a stat, not the target's known folders: another process may have put a file there)
             return
         segments = path.split("/")[:-1]
         for depth in range(1, len(segments) + 1):

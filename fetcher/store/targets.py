@@ -84,11 +84,6 @@ class LocalTarget:
         final = self.local_path(path)
         return final, str(final) in self._dirs and final.is_dir()
 
-    def has_folder(self, folder: Path) -> bool:
-        """Whether *folder* (a parent of a local_path) is a folder: known without a stat once
-        local_path found it one (most files' folder is)."""
-        return str(folder) in self._dirs or folder.is_dir()
-
     def prune(self, folder: Path) -> None:
         """Remove *folder* (from local_path) and its parents while they are empty, never the store itself."""
         while folder != self._root and self._root in folder.parents:
