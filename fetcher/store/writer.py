@@ -422,11 +422,13 @@ class HashingWriter:
         self._tracks_offset = False
 
     def _trim(self) -> None:
-        """Cut the open .part to the bytes written (the rest of a preallocation goes)."""
+        """Cut the open .part to the bytes written (the rest of a preallocation goes); one that
+        was never preallocated is that long already, and only its bytes are written out."""
         assert self._file is not None
         self._hashes.drain()
         self._file.flush()
-        os.ftruncate(self._file.fileno(), self.size)
+        if self._padded:
+            os.ftruncate(self._file.fileno(), self.size)
 
     def commit(self) -> os.stat_result:
         """Move the complete body to its final name (atomic on one filesystem),
@@ -438,11 +440,7 @@ class HashingWriter:
                     with open_file(self.part, "rb") as f:
                         os.fsync(f.fileno())
             else:
-                if self._padded:
-                    self._trim()
-                else:  # as long as its bytes already: no truncate
-                    self._hashes.drain()
-                    self._file.flush()
+                self._trim()
                 if self.fsync:
                     os.fsync(self._file.fileno())
                 self._file.close()
