@@ -14,6 +14,11 @@ Tools, all at concurrency 64:
   fetcher-wN  fetcher with -s FETCHER_WORKERS=N (fetcher-w1, -w2, -w4; "fetcher" is the default, auto)
   stock    scrapy runspider bench/stock_spider.py: stock FilesPipeline, Scrapy's defaults but the same
            concurrency, LOG_LEVEL=INFO, no telnet or remote-control server, run outside the project
+  scrapy-floor  scrapy runspider bench/floor_spider.py, run as stock: Scrapy's request path
+           (engine.download) and one write a file, nothing else; the floor under any Scrapy-based
+           downloader (not run by default; not for C: it holds each body in memory)
+  scrapy-floor-aio  the same in Scrapy's asyncio-only mode (TWISTED_REACTOR_ENABLED=False) with its
+           experimental aiohttp handler, the mode issue 18 asked to try
   aria2c   aria2c -i LIST -j 64 -x 1 -s 1 --file-allocation=none   (F: -s 8 -x 8 -k 20M, segmented)
   curl     curl --parallel --parallel-max 64 --fail -K CONFIG      (url = / output = pairs)
   wget2    wget2 --no-config --max-threads=64 -i LIST
@@ -85,7 +90,8 @@ from bench.machine import (
 )
 
 OUT = ROOT / "bench" / "out"
-TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1", "fetcher-w1", "fetcher-w2", "fetcher-w4")
+TOOLS = ("fetcher", "stock", "aria2c", "curl", "wget2", "fetcher-1", "fetcher-w1", "fetcher-w2", "fetcher-w4",
+         "scrapy-floor", "scrapy-floor-aio")
 PEERS = TOOLS[:5]  # what runs by default; fetcher-1 (one connection per file) is F's baseline
 STATE_NAMES = {"manifest.jsonl", "failed.txt"}  # fetcher's records in FILES_STORE: not downloads
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
@@ -301,10 +307,17 @@ def command(tool: str, w: Workload, setup: Setup, binaries: dict[str, str]) -> t
         workers = ["-s", f"FETCHER_WORKERS={tool.removeprefix('fetcher-w')}"] if tool.startswith("fetcher-w") else []
         return [SCRAPY, "crawl", "fetch", "-a", f"list={lst}", *concurrency, "-s", "FETCHER_PROGRESS=off",
                 "-s", f"FILES_STORE={dl}", *split, *workers], env
-    if tool == "stock":  # run from the work folder: no scrapy.cfg, no project settings
-        return [SCRAPY, "runspider", str(ROOT / "bench" / "stock_spider.py"), "-a", f"list={lst}", *concurrency,
-                "-s", f"FILES_STORE={dl}", "-s", "LOG_LEVEL=INFO", "-s", "TELNETCONSOLE_ENABLED=False",
-                "-s", "REMOTE_CONTROL_ENABLED=False"], base_env
+    # Run from the work folder: no scrapy.cfg, no project settings.
+    bare = [*concurrency, "-s", "LOG_LEVEL=INFO", "-s", "TELNETCONSOLE_ENABLED=False",
+            "-s", "REMOTE_CONTROL_ENABLED=False"]
+    if tool == "stock":
+        return [SCRAPY, "runspider", str(ROOT / "bench" / "stock_spider.py"), "-a", f"list={lst}", *bare,
+                "-s", f"FILES_STORE={dl}"], base_env
+    if tool.startswith("scrapy-floor"):
+        handler = '{"http": "scrapy.core.downloader.handlers._aiohttp.AiohttpDownloadHandler"}'
+        aio = ["-s", "TWISTED_REACTOR_ENABLED=False", "-s", f"DOWNLOAD_HANDLERS={handler}"] if tool.endswith("aio") else []
+        return [SCRAPY, "runspider", str(ROOT / "bench" / "floor_spider.py"), "-a", f"list={lst}", "-a", f"out={dl}",
+                *bare, *aio], base_env
     if tool == "aria2c":
         # -x is --max-connection-per-server, per download: -j 64 -x 1 is 64 transfers on 64 connections.
         split = ["-s", "8", "-x", "8", "-k", "20M"] if w.key == "F" else ["-s", "1", "-x", "1"]
