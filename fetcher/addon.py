@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from scrapy.pipelines.files import FilesPipeline
 from scrapy.pipelines.images import ImagesPipeline
+from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
 from fetcher.config import DEFAULTS
@@ -48,13 +49,15 @@ _CONTROL_SERVERS = (
     ("TELNETCONSOLE_ENABLED", "scrapy.extensions.telnet.TelnetConsole"),
 )
 _HANDLER = "fetcher.handlers.StreamingDownloadHandler"
+_STATS = "fetcher.statscollectors.MemoryStatsCollector"  # in place of Scrapy's default one
 _COMMANDS = "fetcher.commands"
 
 
 class Addon:
     """Enables fetcher in any Scrapy project: streaming download handler for
     http/https, the streaming FilesPipeline (in place of stock FilesPipeline if the
-    project has it), redirect guard, progress and summary, and fetcher's defaults."""
+    project has it), redirect guard, progress and summary, a lighter stats collector
+    (unless the project chose one), and fetcher's defaults."""
 
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
@@ -77,6 +80,8 @@ class Addon:
         for name, path, order in _COMPONENTS:
             settings.setdefault_in_component_priority_dict(name, load_object(path), order)
         self._leave_out_control_servers(settings)
+        if settings.getpriority("STATS_CLASS") == SETTINGS_PRIORITIES["default"]:  # a collector chosen stays
+            settings.set("STATS_CLASS", _STATS, priority="addon")
         handlers = settings.getdict("DOWNLOAD_HANDLERS")
         handlers.update({"http": _HANDLER, "https": _HANDLER})
         settings.set("DOWNLOAD_HANDLERS", handlers, settings.getpriority("DOWNLOAD_HANDLERS") or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from scrapy import Request, Spider
 from scrapy.pipelines.files import FilesPipeline as StockFilesPipeline
 from scrapy.pipelines.images import ImagesPipeline
 from scrapy.settings import Settings
+from scrapy.statscollectors import MemoryStatsCollector as ScrapyMemoryStatsCollector
 from scrapy.utils.conf import build_component_list
 from scrapy.utils.test import get_crawler
 
@@ -21,6 +23,7 @@ from fetcher.config import DEFAULTS
 from fetcher.listing.urllist import Entry
 from fetcher.middlewares import RedirectGuardMiddleware
 from fetcher.pipelines import StreamingFilesPipeline
+from fetcher.statscollectors import MemoryStatsCollector
 from fetcher.store.records import RecordStore, StoredRecord
 from fetcher.transfer.retry import AttemptFailed
 
@@ -101,6 +104,39 @@ def test_control_servers_turned_off_are_not_even_loaded(enabled: bool) -> None:
     control = {"scrapy.extensions.remote_control.RemoteControl", "scrapy.extensions.telnet.TelnetConsole"}
     assert (control <= set(extensions)) is enabled
     assert "scrapy.extensions.corestats.CoreStats" in extensions  # the others stay
+
+
+def test_addon_lightens_the_stats_collector_unless_the_project_chose_one() -> None:
+    scrapys = "scrapy.statscollectors.MemoryStatsCollector"
+    assert apply_addon({})["STATS_CLASS"] == "fetcher.statscollectors.MemoryStatsCollector"
+    for chosen in (scrapys, "scrapy.statscollectors.DummyStatsCollector"):
+        assert apply_addon({"STATS_CLASS": chosen})["STATS_CLASS"] == chosen
+
+
+def test_the_lighter_stats_collector_keeps_what_scrapys_keeps() -> None:
+    """Same calls, same stats, a legacy ``spider`` argument still served; what it leaves
+    out is Scrapy 2.19's look-up hook on every attribute."""
+    crawler = get_crawler(Fetch)
+    kept = []
+    for cls in (ScrapyMemoryStatsCollector, MemoryStatsCollector):
+        stats = cls(crawler)
+        stats.open_spider()
+        stats.inc_value("files")
+        stats.inc_value("files", 2)
+        stats.inc_value("bytes", 10, start=5)
+        stats.max_value("peak", 3)
+        stats.max_value("peak", 1)
+        stats.min_value("least", 3)
+        stats.min_value("least", 1)
+        stats.set_value("note", "x")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stats.inc_value("legacy", spider=crawler.spider)
+        kept.append((dict(stats.get_stats()), stats.get_value("files"), stats.get_value("none", 7)))
+        stats.close_spider(reason="finished")
+    assert kept[0] == kept[1]
+    assert kept[1][0] == {"files": 3, "bytes": 15, "peak": 3, "least": 1, "note": "x", "legacy": 1}
+    assert type(MemoryStatsCollector(crawler)).__getattribute__ is object.__getattribute__
 
 
 # -- the pipeline, built from a crawler
