@@ -12,7 +12,7 @@ default:
     scrapy runspider bench/floor_spider.py -a list=urls.txt -a out=/dev/shm/floor \\
         -s CONCURRENT_REQUESTS=64 -s CONCURRENT_REQUESTS_PER_DOMAIN=64
 
-The list is read as bench/stock_spider.py reads it. Files are named f0, f1, ... in the
+The list is read by bench/stock_spider.py's ``list_urls``. Files are named f0, f1, ... in the
 list's order. A failed download is logged and leaves its file out: the bench's count of
 files and bytes fails the run.
 """
@@ -26,6 +26,9 @@ from typing import Any
 
 import scrapy
 
+# Its neighbour in bench/: `scrapy runspider` imports this file with bench/ on sys.path.
+from stock_spider import list_urls
+
 
 class FloorSpider(scrapy.Spider):
     name = "floor"
@@ -33,8 +36,7 @@ class FloorSpider(scrapy.Spider):
     out: str  # -a out=FOLDER
 
     async def start(self) -> AsyncIterator[Any]:
-        with open(self.list, encoding="utf-8") as f:  # noqa: ASYNC230 - a local file, as minimal as it gets
-            urls = [line.strip() for line in f if line.strip() and not line[0].isspace() and not line.startswith("#")]
+        urls = list_urls(self.list)
         out = Path(self.out)
         # As many at once as the downloader takes: none waits in a slot's queue.
         room = asyncio.Semaphore(self.settings.getint("CONCURRENT_REQUESTS"))

@@ -18,13 +18,18 @@ from typing import Any
 import scrapy
 
 
+def list_urls(path: str) -> list[str]:
+    """The URLs of an aria2c-format list, read as minimally as said above (bench/floor_spider.py
+    reads its list with this too)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line[0].isspace() and not line.startswith("#")]
+
+
 class StockSpider(scrapy.Spider):
     name = "stock"
     list: str  # -a list=PATH
     custom_settings = {"ITEM_PIPELINES": {"scrapy.pipelines.files.FilesPipeline": 1}}  # noqa: RUF012 - Scrapy's API
 
     async def start(self) -> AsyncIterator[Any]:
-        with open(self.list, encoding="utf-8") as f:  # noqa: ASYNC230 - a local file, as minimal as it gets
-            for line in f:
-                if line.strip() and not line[0].isspace() and not line.startswith("#"):
-                    yield {"file_urls": [line.strip()]}
+        for url in list_urls(self.list):
+            yield {"file_urls": [url]}
